@@ -1,0 +1,1 @@
+"""LLM chat service: FastAPI backend in front of OpenAI-compatible chat models."""

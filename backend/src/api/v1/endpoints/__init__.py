@@ -1,0 +1,1 @@
+"""Endpoint routers of API v1."""

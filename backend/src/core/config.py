@@ -1,0 +1,79 @@
+"""Service settings: one validated, cached object read from the environment and the repository's `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# backend/src/core/config.py -> the repository root, so `.env` is found whatever the working directory.
+REPO_ROOT = Path(__file__).resolve().parents[3]
+ENV_FILE = REPO_ROOT / ".env"
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; each one is documented in `.env.example`."""
+
+    model_config = SettingsConfigDict(
+        env_file=ENV_FILE,
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        # `OPENAI_API_KEY=` in a .env means "unset", not "the empty key".
+        env_ignore_empty=True,
+    )
+
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    llm_default_model: str = Field(default="gpt-5-mini", min_length=1)
+    llm_allowed_models: CommaList = Field(default_factory=list)
+    llm_timeout_seconds: float = Field(default=60.0, gt=0)
+    llm_max_retries: int = Field(default=2, ge=0, le=10)
+    llm_max_connections: int = Field(default=1000, ge=1)
+    llm_pool_timeout_seconds: float = Field(default=1.0, ge=0)
+    service_api_keys: CommaList = Field(default_factory=list, repr=False)
+    cors_allow_origins: CommaList = Field(default_factory=list)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    log_prompts: bool = False
+    max_request_bytes: int = Field(default=1_048_576, ge=1)
+    llm_demo_upstream: bool = False
+
+    @field_validator("llm_allowed_models", "service_api_keys", "cors_allow_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _normalise_case(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.upper() if value.lower() in {"debug", "info", "warning", "error", "critical"} else value.lower()
+        return value
+
+    @field_validator("openai_api_key", mode="before")
+    @classmethod
+    def _blank_key_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @property
+    def llm_configured(self) -> bool:
+        return self.openai_api_key is not None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

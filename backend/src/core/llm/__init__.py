@@ -1,0 +1,1 @@
+"""The upstream client and the service that wraps it."""

@@ -1,0 +1,1 @@
+"""Developer tools: the bundled offline OpenAI-compatible upstream."""

@@ -1,0 +1,67 @@
+"""`make demo`: the service wired to the bundled OFFLINE upstream, with the commands to try it. Ctrl-C stops both."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from src.devtools.servers import start_mock_upstream, start_service
+
+BANNER = """
+================================================================================
+ LLM chat service: OFFLINE DEMO (bundled upstream at {upstream}, not OpenAI)
+ Service: {url}    API docs: {url}/docs
+--------------------------------------------------------------------------------
+ Batch:
+   curl -s {url}/api/v1/llm/chat -H 'Content-Type: application/json' \\
+     -d '{{"messages":[{{"role":"user","content":"Hello there"}}]}}'
+ Stream (tokens as they arrive):
+   curl -N {url}/api/v1/llm/chat -H 'Content-Type: application/json' \\
+     -d '{{"messages":[{{"role":"user","content":"Hello there"}}],"stream":true}}'
+ Smoke check:
+   (cd backend && ../.venv/bin/python -m src.cli.llm_test --check --url {url})
+ Faults to try: "model": "mock-429", "mock-500", "mock-hang", "mock-stream-break", ...
+ Press Ctrl-C to stop.
+================================================================================
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    args = parser.parse_args(argv)
+
+    upstream = start_mock_upstream()
+    try:
+        service = start_service(upstream_url=upstream.url, host=args.host, port=args.port,
+                                env={"LLM_DEMO_UPSTREAM": "true"})
+    except RuntimeError as error:
+        upstream.stop()
+        print(f"demo: {error} (is port {args.port} in use? try `make demo PORT=9000`)", file=sys.stderr)
+        return 1
+    shown_host = "127.0.0.1" if args.host in {"0.0.0.0", "::"} else args.host
+    print(BANNER.format(upstream=upstream.url, url=f"http://{shown_host}:{args.port}"), flush=True)
+    try:
+        while service.process.poll() is None and upstream.process.poll() is None:
+            time.sleep(0.5)
+        print("demo: a server exited on its own; stopping", file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\ndemo: stopping the service and the bundled upstream", flush=True)
+        service.stop()
+        upstream.stop()
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Pydantic models of the chat API: requests, answers, stream events and the error envelope."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+Role = Literal["system", "developer", "user", "assistant"]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+StopSequence = Annotated[str, Field(min_length=1)]
+MAX_STOP_SEQUENCES = 4
+
+
+class _Request(BaseModel):
+    # Unknown fields are a 422: a typo such as `temprature` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Request):
+    role: Role
+    content: str = Field(min_length=1)
+
+
+class LLMRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1, description="Conversation history, forwarded in order.")
+    model: str | None = Field(default=None, min_length=1, max_length=256, description="Default: LLM_DEFAULT_MODEL.")
+    stream: StrictBool = False
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: StrictInt | None = Field(
+        default=None, ge=1, description="Sent upstream as `max_completion_tokens`."
+    )
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: StopSequence | Annotated[list[StopSequence], Field(min_length=1, max_length=MAX_STOP_SEQUENCES)] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: StrictInt | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class LLMResponse(BaseModel):
+    id: str
+    model: str
+    request_id: str
+    message: AssistantMessage
+    finish_reason: str | None
+    usage: Usage | None
+
+
+class StreamDelta(BaseModel):
+    """`event: delta`: one non-empty piece of the answer, in order."""
+
+    content: str
+
+
+class StreamDone(BaseModel):
+    """`event: done`: the last event of a successful stream."""
+
+    id: str | None
+    model: str | None
+    request_id: str
+    finish_reason: str | None
+    usage: Usage | None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    request_id: str | None
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    """Body of every error response; also the payload of `event: error` (without the wrapper)."""
+
+    error: ErrorDetail
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok", "unavailable"]

@@ -1,0 +1,1 @@
+"""Tests of the LLM chat service, mirroring backend/src."""

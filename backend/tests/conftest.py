@@ -1,0 +1,146 @@
+"""Shared fixtures: clean environment, settings, the app in-process, respx on the upstream, captured logs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from starlette.types import ASGIApp
+
+from src.core.config import Settings
+from src.main import create_app
+
+UPSTREAM = "https://upstream.test/v1"
+UPSTREAM_KEY = "sk-test-SECRET-upstream-key-0123456789"
+SERVICE_KEY = "svc-key-secret-42"
+SETTINGS_ENV_VARS = (
+    "OPENAI_API_KEY", "OPENAI_BASE_URL", "LLM_DEFAULT_MODEL", "LLM_ALLOWED_MODELS", "LLM_TIMEOUT_SECONDS",
+    "LLM_MAX_RETRIES", "LLM_MAX_CONNECTIONS", "LLM_POOL_TIMEOUT_SECONDS", "SERVICE_API_KEYS", "CORS_ALLOW_ORIGINS",
+    "LOG_LEVEL", "LOG_FORMAT", "LOG_PROMPTS", "MAX_REQUEST_BYTES", "LLM_DEMO_UPSTREAM",
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's shell or .env must not change what the tests see."""
+    for name in SETTINGS_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "openai_api_key": UPSTREAM_KEY,
+        "openai_base_url": UPSTREAM,
+        "llm_max_retries": 0,
+        "llm_timeout_seconds": 5.0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def upstream() -> Iterator[respx.MockRouter]:
+    with respx.mock(base_url=UPSTREAM, assert_all_called=False) as router:
+        yield router
+
+
+@pytest.fixture
+async def app_client(capsys: pytest.CaptureFixture[str]) -> AsyncIterator[Callable[..., Any]]:
+    """`async with app_client(settings) as (client, app, asgi)`: the app with its lifespan, over ASGITransport.
+
+    `asgi` is the app as a server runs it (lifespan state in every scope), for tests that drive ASGI directly.
+    """
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def open_client(settings: Settings | None = None) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI, ASGIApp]]:
+        app = create_app(settings or make_settings(), http_client=httpx.AsyncClient())
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://service.test") as client:
+                yield client, app, manager.app
+
+    yield open_client
+
+
+@pytest.fixture
+async def client(app_client: Callable[..., Any], settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with app_client(settings) as (http_client, _, _):
+        yield http_client
+
+
+@pytest.fixture
+def read_logs(capsys: pytest.CaptureFixture[str]) -> Callable[[], list[dict[str, Any]]]:
+    """Every stdout line so far, each parsed as JSON (a non-JSON line fails the test)."""
+
+    def read() -> list[dict[str, Any]]:
+        out = capsys.readouterr().out
+        read.raw += out  # type: ignore[attr-defined]
+        return [json.loads(line) for line in read.raw.splitlines() if line.strip()]  # type: ignore[attr-defined]
+
+    read.raw = ""  # type: ignore[attr-defined]
+    return read
+
+
+def chat_body(content: str = "Hello there", **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": content}], **extra}
+
+
+def completion(content: str = "Hi! How can I help?", *, finish_reason: str = "stop", model: str = "gpt-5-mini-2025",
+               usage: dict[str, int] | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-123",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
+        "usage": usage or {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15},
+    }
+
+
+def sse_chunks(pieces: list[str], *, finish_reason: str = "stop", usage: bool = True, done: bool = True) -> bytes:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        payload = {"id": "chatcmpl-s1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-5-mini-2025",
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    parts = [chunk({"role": "assistant", "content": ""})]
+    parts += [chunk({"content": piece}) for piece in pieces]
+    parts.append(chunk({}, finish_reason))
+    if usage:
+        parts.append("data: " + json.dumps({"id": "chatcmpl-s1", "object": "chat.completion.chunk", "created": 1,
+                                            "model": "gpt-5-mini-2025", "choices": [],
+                                            "usage": {"prompt_tokens": 5, "completion_tokens": len(pieces),
+                                                      "total_tokens": 5 + len(pieces)}}) + "\n\n")
+    if done:
+        parts.append("data: [DONE]\n\n")
+    return "".join(parts).encode()
+
+
+def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        lines = block.split("\n")
+        assert lines[0].startswith("event: "), block
+        assert len(lines) == 2 and lines[1].startswith("data: "), block
+        events.append((lines[0][7:], json.loads(lines[1][6:])))
+    return events
+
+
+def upstream_json(route: respx.Route, index: int = -1) -> dict[str, Any]:
+    request = route.calls[index].request
+    body: dict[str, Any] = json.loads(request.content)
+    return body

@@ -1,0 +1,1 @@
+"""End-to-end tests: real processes under uvicorn, real sockets, real SSE."""
