@@ -20,11 +20,25 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         venv.create(scratch, with_pip=True)
         python = str(Path(scratch) / "bin" / "python")
-        subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
-                       check=True)
-        frozen = subprocess.run([python, "-m", "pip", "freeze", "--all", "--exclude", "pip",
-                                 "--exclude", "setuptools", "--exclude", "wheel"],
-                                check=True, capture_output=True, text=True).stdout
+        subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements], check=True)
+        frozen = subprocess.run(
+            [
+                python,
+                "-m",
+                "pip",
+                "freeze",
+                "--all",
+                "--exclude",
+                "pip",
+                "--exclude",
+                "setuptools",
+                "--exclude",
+                "wheel",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     LOCK.write_text(HEADER + frozen)
     print(f"wrote {LOCK.relative_to(ROOT)}: {len(frozen.splitlines())} pins", file=sys.stderr)
     return 0

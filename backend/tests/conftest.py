@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -20,9 +21,21 @@ UPSTREAM = "https://upstream.test/v1"
 UPSTREAM_KEY = "sk-test-SECRET-upstream-key-0123456789"
 SERVICE_KEY = "svc-key-secret-42"
 SETTINGS_ENV_VARS = (
-    "OPENAI_API_KEY", "OPENAI_BASE_URL", "LLM_DEFAULT_MODEL", "LLM_ALLOWED_MODELS", "LLM_TIMEOUT_SECONDS",
-    "LLM_MAX_RETRIES", "LLM_MAX_CONNECTIONS", "LLM_POOL_TIMEOUT_SECONDS", "SERVICE_API_KEYS", "CORS_ALLOW_ORIGINS",
-    "LOG_LEVEL", "LOG_FORMAT", "LOG_PROMPTS", "MAX_REQUEST_BYTES", "LLM_DEMO_UPSTREAM",
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "LLM_DEFAULT_MODEL",
+    "LLM_ALLOWED_MODELS",
+    "LLM_TIMEOUT_SECONDS",
+    "LLM_MAX_RETRIES",
+    "LLM_MAX_CONNECTIONS",
+    "LLM_POOL_TIMEOUT_SECONDS",
+    "SERVICE_API_KEYS",
+    "CORS_ALLOW_ORIGINS",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "LOG_PROMPTS",
+    "MAX_REQUEST_BYTES",
+    "LLM_DEMO_UPSTREAM",
 )
 
 
@@ -55,23 +68,27 @@ def upstream() -> Iterator[respx.MockRouter]:
         yield router
 
 
+OpenClient = Callable[..., contextlib.AbstractAsyncContextManager[tuple[httpx.AsyncClient, FastAPI, ASGIApp]]]
+
+
 @pytest.fixture
-async def app_client(capsys: pytest.CaptureFixture[str]) -> AsyncIterator[Callable[..., Any]]:
+def app_client() -> OpenClient:
     """`async with app_client(settings) as (client, app, asgi)`: the app with its lifespan, over ASGITransport.
 
     `asgi` is the app as a server runs it (lifespan state in every scope), for tests that drive ASGI directly.
     """
-    import contextlib
 
     @contextlib.asynccontextmanager
-    async def open_client(settings: Settings | None = None) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI, ASGIApp]]:
+    async def open_client(
+        settings: Settings | None = None,
+    ) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI, ASGIApp]]:
         app = create_app(settings or make_settings(), http_client=httpx.AsyncClient())
         async with LifespanManager(app) as manager:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://service.test") as client:
                 yield client, app, manager.app
 
-    yield open_client
+    return open_client
 
 
 @pytest.fixture
@@ -97,8 +114,13 @@ def chat_body(content: str = "Hello there", **extra: Any) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": content}], **extra}
 
 
-def completion(content: str = "Hi! How can I help?", *, finish_reason: str = "stop", model: str = "gpt-5-mini-2025",
-               usage: dict[str, int] | None = None) -> dict[str, Any]:
+def completion(
+    content: str = "Hi! How can I help?",
+    *,
+    finish_reason: str = "stop",
+    model: str = "gpt-5-mini-2025",
+    usage: dict[str, int] | None = None,
+) -> dict[str, Any]:
     return {
         "id": "chatcmpl-123",
         "object": "chat.completion",
@@ -111,18 +133,33 @@ def completion(content: str = "Hi! How can I help?", *, finish_reason: str = "st
 
 def sse_chunks(pieces: list[str], *, finish_reason: str = "stop", usage: bool = True, done: bool = True) -> bytes:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        payload = {"id": "chatcmpl-s1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-5-mini-2025",
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        payload = {
+            "id": "chatcmpl-s1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "gpt-5-mini-2025",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
         return f"data: {json.dumps(payload)}\n\n"
 
     parts = [chunk({"role": "assistant", "content": ""})]
     parts += [chunk({"content": piece}) for piece in pieces]
     parts.append(chunk({}, finish_reason))
     if usage:
-        parts.append("data: " + json.dumps({"id": "chatcmpl-s1", "object": "chat.completion.chunk", "created": 1,
-                                            "model": "gpt-5-mini-2025", "choices": [],
-                                            "usage": {"prompt_tokens": 5, "completion_tokens": len(pieces),
-                                                      "total_tokens": 5 + len(pieces)}}) + "\n\n")
+        parts.append(
+            "data: "
+            + json.dumps(
+                {
+                    "id": "chatcmpl-s1",
+                    "object": "chat.completion.chunk",
+                    "created": 1,
+                    "model": "gpt-5-mini-2025",
+                    "choices": [],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": len(pieces), "total_tokens": 5 + len(pieces)},
+                }
+            )
+            + "\n\n"
+        )
     if done:
         parts.append("data: [DONE]\n\n")
     return "".join(parts).encode()
@@ -135,7 +172,8 @@ def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
             continue
         lines = block.split("\n")
         assert lines[0].startswith("event: "), block
-        assert len(lines) == 2 and lines[1].startswith("data: "), block
+        assert len(lines) == 2, block
+        assert lines[1].startswith("data: "), block
         events.append((lines[0][7:], json.loads(lines[1][6:])))
     return events
 

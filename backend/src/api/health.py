@@ -16,7 +16,11 @@ async def health() -> HealthStatus:
     return HealthStatus(status="ok")
 
 
-@router.get("/ready", response_model=HealthStatus, responses={503: {"model": HealthStatus, "description": "No upstream key is configured"}})
+@router.get(
+    "/ready",
+    response_model=HealthStatus,
+    responses={503: {"model": HealthStatus, "description": "No upstream key is configured"}},
+)
 async def ready(settings: SettingsDep) -> HealthStatus | JSONResponse:
     if settings.llm_configured:
         return HealthStatus(status="ok")

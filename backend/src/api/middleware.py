@@ -67,9 +67,7 @@ class RequestContextMiddleware:
         except Exception:
             self._log.exception("unhandled_error", method=scope["method"], path=scope["path"])
             if not response_started:
-                internal = ServiceError(
-                    ErrorCode.INTERNAL_ERROR, "The service failed unexpectedly.", status_code=500
-                )
+                internal = ServiceError(ErrorCode.INTERNAL_ERROR, "The service failed unexpectedly.", status_code=500)
                 await self._send_error(send_with_request_id, internal, request_id)
         finally:
             self._log.info(

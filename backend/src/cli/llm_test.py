@@ -25,6 +25,15 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 CHAT_PATH = "/api/v1/llm/chat"
 
 
+class CheckFailedError(Exception):
+    """A `--check` expectation that did not hold."""
+
+
+def _require(condition: bool, failure: str) -> None:
+    if not condition:
+        raise CheckFailedError(failure)
+
+
 class ServiceAnsweredError(Exception):
     def __init__(self, status: int, code: str, message: str, request_id: str | None) -> None:
         super().__init__(f"{code}: {message}")
@@ -53,7 +62,7 @@ def _error_from(response: httpx.Response) -> ServiceAnsweredError:
 
 
 def iter_sse(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    event, data = "message", []
+    event, data = "message", list[str]()
     for line in lines:
         if not line:
             if data:
@@ -81,10 +90,15 @@ class ChatClient:
         if response.status_code != 200:
             raise _error_from(response)
         body = response.json()
-        return ChatResult(content=body["message"]["content"], model=body["model"],
-                          finish_reason=body["finish_reason"], usage=body.get("usage"),
-                          request_id=body.get("request_id"), total_ms=(time.perf_counter() - started) * 1000,
-                          raw=[response.text])
+        return ChatResult(
+            content=body["message"]["content"],
+            model=body["model"],
+            finish_reason=body["finish_reason"],
+            usage=body.get("usage"),
+            request_id=body.get("request_id"),
+            total_ms=(time.perf_counter() - started) * 1000,
+            raw=[response.text],
+        )
 
     def stream(self, payload: dict[str, Any], *, on_delta: Any = None) -> ChatResult:
         started = time.perf_counter()
@@ -131,8 +145,11 @@ def _print_summary(result: ChatResult, out: TextIO) -> None:
     usage = result.usage or {}
     print(f"model:         {result.model}", file=out)
     print(f"finish_reason: {result.finish_reason}", file=out)
-    print(f"usage:         prompt={usage.get('prompt_tokens')} completion={usage.get('completion_tokens')} "
-          f"total={usage.get('total_tokens')}", file=out)
+    print(
+        f"usage:         prompt={usage.get('prompt_tokens')} completion={usage.get('completion_tokens')} "
+        f"total={usage.get('total_tokens')}",
+        file=out,
+    )
     if result.ttft_ms is not None:
         print(f"first token:   {result.ttft_ms:.1f} ms", file=out)
     print(f"total time:    {result.total_ms:.1f} ms", file=out)
@@ -142,6 +159,7 @@ def _print_summary(result: ChatResult, out: TextIO) -> None:
 def run_chat(client: ChatClient, args: argparse.Namespace, out: TextIO) -> int:
     payload = _payload(args)
     if args.stream:
+
         def live(text: str) -> None:
             out.write(text)
             out.flush()
@@ -173,28 +191,29 @@ def run_checks(client: ChatClient, args: argparse.Namespace, out: TextIO) -> int
             print(f"PASS  {name:<16} {detail} ({(time.perf_counter() - started) * 1000:.0f} ms)", file=out)
         except httpx.TransportError:
             raise
-        except (ServiceAnsweredError, AssertionError, KeyError, ValueError) as exc:
+        except (ServiceAnsweredError, CheckFailedError, KeyError, ValueError) as exc:
             failures += 1
             print(f"FAIL  {name:<16} {exc}", file=out)
 
     def batch() -> str:
         result = client.batch(payload)
-        assert result.content, "empty answer"
+        _require(bool(result.content), "empty answer")
         return f"{len(result.content)} chars, finish_reason={result.finish_reason}"
 
     def stream() -> str:
         result = client.stream(payload)
-        assert result.deltas > 0, "no delta events"
-        assert result.usage is not None, "done event without usage"
+        _require(result.deltas > 0, "no delta events")
+        _require(result.usage is not None, "done event without usage")
         return f"{result.deltas} deltas, first token {result.ttft_ms:.0f} ms"
 
     def validation() -> str:
         try:
             client.batch({"messages": []})
         except ServiceAnsweredError as error:
-            assert error.status == 422 and error.code == "validation_error", f"got {error.status} {error.code}"
+            _require(error.status == 422, f"got HTTP {error.status}")
+            _require(error.code == "validation_error", f"got code {error.code}")
             return "422 validation_error"
-        raise AssertionError("an empty message list was accepted")
+        raise CheckFailedError("an empty message list was accepted")
 
     check("batch", batch)
     check("stream", stream)
@@ -212,8 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--system", help="a system message sent before the prompt")
     parser.add_argument("--url", default=os.environ.get("LLM_TEST_URL", DEFAULT_URL))
-    parser.add_argument("--api-key", default=os.environ.get("LLM_TEST_API_KEY"),
-                        help="bearer key when the service has SERVICE_API_KEYS (env LLM_TEST_API_KEY)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LLM_TEST_API_KEY"),
+        help="bearer key when the service has SERVICE_API_KEYS (env LLM_TEST_API_KEY)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--json", action="store_true", help="print the raw response")
     parser.add_argument("--check", action="store_true", help="run the batch/stream/validation battery")

@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_case(cls, value: object) -> object:
         if isinstance(value, str):
-            return value.upper() if value.lower() in {"debug", "info", "warning", "error", "critical"} else value.lower()
+            return (
+                value.upper() if value.lower() in {"debug", "info", "warning", "error", "critical"} else value.lower()
+            )
         return value
 
     @field_validator("openai_api_key", mode="before")

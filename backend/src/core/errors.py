@@ -97,8 +97,11 @@ async def _service_error_handler(request: Request, exc: Exception) -> Response:
 async def _validation_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     details = [
-        {"field": ".".join(str(part) for part in error.get("loc", ())), "message": error.get("msg", ""),
-         "type": error.get("type", "")}
+        {
+            "field": ".".join(str(part) for part in error.get("loc", ())),
+            "message": error.get("msg", ""),
+            "type": error.get("type", ""),
+        }
         for error in exc.errors()
     ]
     # jsonable_encoder: pydantic puts non-JSON values (exceptions, bytes) into `ctx`; we keep only plain fields.

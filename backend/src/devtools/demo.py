@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
     upstream = start_mock_upstream()
     try:
-        service = start_service(upstream_url=upstream.url, host=args.host, port=args.port,
-                                env={"LLM_DEMO_UPSTREAM": "true"})
+        service = start_service(
+            upstream_url=upstream.url, host=args.host, port=args.port, env={"LLM_DEMO_UPSTREAM": "true"}
+        )
     except RuntimeError as error:
         upstream.stop()
         print(f"demo: {error} (is port {args.port} in use? try `make demo PORT=9000`)", file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -31,6 +32,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 CHAT_PATH = "/v1/chat/completions"
+STATS_PATH = "/_mock/stats"
 DEFAULT_STREAM_DELAY_MS = 20.0
 HANG_LIMIT_SECONDS = 600.0
 BREAK_AFTER_CHUNKS = 3
@@ -54,13 +56,21 @@ FAULTS = {
 }
 
 
-class SimulatedConnectionDrop(Exception):
+class SimulatedConnectionDropError(Exception):
     """Raised mid-response so that uvicorn drops the connection, as a crashed upstream would."""
 
 
 class UpstreamError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -77,28 +87,52 @@ def _key_fragment(scope: Scope) -> str:
 
 def _fault(model: str, scope: Scope) -> UpstreamError | None:
     if model == "mock-401":
-        return UpstreamError(401, f"Incorrect API key provided: {_key_fragment(scope)}. You can find your API key "
-                             "at https://platform.openai.com/account/api-keys.", type_="invalid_request_error",
-                             code="invalid_api_key")
+        return UpstreamError(
+            401,
+            f"Incorrect API key provided: {_key_fragment(scope)}. You can find your API key "
+            "at https://platform.openai.com/account/api-keys.",
+            type_="invalid_request_error",
+            code="invalid_api_key",
+        )
     if model == "mock-403":
         return UpstreamError(403, "You are not allowed to sample from this model.", type_="permission_error")
     if model == "mock-404":
-        return UpstreamError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                             type_="invalid_request_error", code="model_not_found", param="model")
+        return UpstreamError(
+            404,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            type_="invalid_request_error",
+            code="model_not_found",
+            param="model",
+        )
     if model == "mock-400-context":
-        return UpstreamError(400, f"This model's maximum context length is {CONTEXT_WINDOW} tokens. However, your "
-                             f"messages resulted in {CONTEXT_WINDOW + 1} tokens. Please reduce the length of the "
-                             "messages.", type_="invalid_request_error", code="context_length_exceeded",
-                             param="messages")
+        return UpstreamError(
+            400,
+            f"This model's maximum context length is {CONTEXT_WINDOW} tokens. However, your "
+            f"messages resulted in {CONTEXT_WINDOW + 1} tokens. Please reduce the length of the "
+            "messages.",
+            type_="invalid_request_error",
+            code="context_length_exceeded",
+            param="messages",
+        )
     if model == "mock-429":
-        return UpstreamError(429, f"Rate limit reached for {model} on requests per min (RPM): Limit 3, Used 3.",
-                             type_="requests", code="rate_limit_exceeded", headers={"retry-after": "1"})
+        return UpstreamError(
+            429,
+            f"Rate limit reached for {model} on requests per min (RPM): Limit 3, Used 3.",
+            type_="requests",
+            code="rate_limit_exceeded",
+            headers={"retry-after": "1"},
+        )
     if model == "mock-429-quota":
-        return UpstreamError(429, "You exceeded your current quota, please check your plan and billing details.",
-                             type_="insufficient_quota", code="insufficient_quota")
+        return UpstreamError(
+            429,
+            "You exceeded your current quota, please check your plan and billing details.",
+            type_="insufficient_quota",
+            code="insufficient_quota",
+        )
     if model == "mock-500":
-        return UpstreamError(500, "The server had an error while processing your request. Sorry about that!",
-                             type_="server_error")
+        return UpstreamError(
+            500, "The server had an error while processing your request. Sorry about that!", type_="server_error"
+        )
     if model == "mock-503":
         return UpstreamError(503, "The engine is currently overloaded, please try again later.", type_="server_error")
     return None
@@ -111,14 +145,24 @@ def _is_reasoning_model(model: str) -> bool:
 def _check_parameters(body: dict[str, Any]) -> None:
     model = body["model"]
     if "max_tokens" in body and _is_reasoning_model(model):
-        raise UpstreamError(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
-                            "'max_completion_tokens' instead.", type_="invalid_request_error",
-                            code="unsupported_parameter", param="max_tokens")
+        raise UpstreamError(
+            400,
+            "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+            "'max_completion_tokens' instead.",
+            type_="invalid_request_error",
+            code="unsupported_parameter",
+            param="max_tokens",
+        )
     temperature = body.get("temperature")
     if temperature is not None and temperature != 1 and _is_reasoning_model(model):
-        raise UpstreamError(400, f"Unsupported value: 'temperature' does not support {temperature} with this model. "
-                            "Only the default (1) value is supported.", type_="invalid_request_error",
-                            code="unsupported_value", param="temperature")
+        raise UpstreamError(
+            400,
+            f"Unsupported value: 'temperature' does not support {temperature} with this model. "
+            "Only the default (1) value is supported.",
+            type_="invalid_request_error",
+            code="unsupported_value",
+            param="temperature",
+        )
 
 
 def _words(text: str) -> list[str]:
@@ -136,8 +180,9 @@ def _answer_words(body: dict[str, Any]) -> list[str]:
         last_user = ""
     turns = sum(1 for m in messages if m.get("role") == "user")
     quoted = " ".join(_words(last_user)[:40]) or "nothing"
-    return _words(f"You said: {quoted} (offline demo answer from {model}; user turn {turns}, "
-                  f"{len(_words(last_user))} words.)")
+    return _words(
+        f"You said: {quoted} (offline demo answer from {model}; user turn {turns}, {len(_words(last_user))} words.)"
+    )
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:
@@ -171,10 +216,12 @@ class MockOpenAI:
     def __init__(self, *, stream_delay_ms: float = DEFAULT_STREAM_DELAY_MS) -> None:
         self.stream_delay = stream_delay_ms / 1000
         self._ids = itertools.count(1)
+        # Counters for tests and benchmarks (GET /_mock/stats): did the service close streams it abandoned?
+        self.stats = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_client_closed": 0}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
+            while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
@@ -185,9 +232,14 @@ class MockOpenAI:
             if scope["path"] == "/health":
                 await self._json(send, 200, {"status": "ok"}, request_id)
                 return
+            if scope["path"] == STATS_PATH:
+                await self._json(send, 200, self.stats, request_id)
+                return
+            self.stats["requests"] += 1
             if scope["path"] != CHAT_PATH:
-                raise UpstreamError(404, f"Invalid URL ({scope['method']} {scope['path']})",
-                                    type_="invalid_request_error")
+                raise UpstreamError(
+                    404, f"Invalid URL ({scope['method']} {scope['path']})", type_="invalid_request_error"
+                )
             if scope["method"] != "POST":
                 raise UpstreamError(405, "Method not allowed", type_="invalid_request_error")
             if not any(name == b"authorization" for name, _ in scope["headers"]):
@@ -218,15 +270,16 @@ class MockOpenAI:
         try:
             body = json.loads(b"".join(chunks))
         except ValueError as exc:
-            raise UpstreamError(400, "We could not parse the JSON body of your request.",
-                                type_="invalid_request_error") from exc
+            raise UpstreamError(
+                400, "We could not parse the JSON body of your request.", type_="invalid_request_error"
+            ) from exc
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            raise UpstreamError(400, "you must provide a model parameter", type_="invalid_request_error",
-                                param="model")
+            raise UpstreamError(400, "you must provide a model parameter", type_="invalid_request_error", param="model")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise UpstreamError(400, "'messages' must be a non-empty array", type_="invalid_request_error",
-                                param="messages")
+            raise UpstreamError(
+                400, "'messages' must be a non-empty array", type_="invalid_request_error", param="messages"
+            )
         return body
 
     @staticmethod
@@ -246,10 +299,19 @@ class MockOpenAI:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words), "refusal": None},
-                         "logprobs": None, "finish_reason": finish_reason}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
-                      "total_tokens": prompt_tokens + len(words)},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": " ".join(words), "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(words),
+                "total_tokens": prompt_tokens + len(words),
+            },
             "system_fingerprint": "fp_mock",
         }
         await self._json(send, 200, answer, request_id)
@@ -258,44 +320,84 @@ class MockOpenAI:
         model = body["model"]
         words, finish_reason = _plan(body)
         prompt_tokens = _prompt_tokens(body)
-        base = {"id": f"chatcmpl-mock{request_id[-8:]}", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": model, "system_fingerprint": "fp_mock"}
+        base = {
+            "id": f"chatcmpl-mock{request_id[-8:]}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": "fp_mock",
+        }
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             payload = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
             return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), (b"x-request-id", request_id.encode()),
-            (b"cache-control", b"no-cache")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"x-request-id", request_id.encode()),
+                    (b"cache-control", b"no-cache"),
+                ],
+            }
+        )
 
         async def emit(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
-        await emit(chunk({"role": "assistant", "content": "", "refusal": None}))
-        for index, piece in enumerate(_pieces(words)):
-            if model == "mock-stream-break" and index == BREAK_AFTER_CHUNKS:
-                raise SimulatedConnectionDrop("mock-stream-break: dropping the connection mid-stream")
-            if model == "mock-stream-stall" and index == 1:
-                await self._wait_for_disconnect(receive)
-                return
-            if self.stream_delay:
-                await asyncio.sleep(self.stream_delay)
-            await emit(chunk({"content": piece}))
-        await emit(chunk({}, finish_reason))
-        if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
-                     "total_tokens": prompt_tokens + len(words)}
-            await emit(b"data: " + json.dumps({**base, "choices": [], "usage": usage},
-                                              separators=(",", ":")).encode() + b"\n\n")
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        # Servers below ASGI spec 2.4 drop sends to a closed connection silently: watch for the disconnect.
+        client_closed = asyncio.Event()
+
+        async def watch_for_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                continue
+            client_closed.set()
+
+        self.stats["streams_started"] += 1
+        watcher = asyncio.create_task(watch_for_disconnect())
+        try:
+            await emit(chunk({"role": "assistant", "content": "", "refusal": None}))
+            for index, piece in enumerate(_pieces(words)):
+                if model == "mock-stream-break" and index == BREAK_AFTER_CHUNKS:
+                    raise SimulatedConnectionDropError("mock-stream-break: dropping the connection mid-stream")
+                if model == "mock-stream-stall" and index == 1:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(client_closed.wait(), HANG_LIMIT_SECONDS)
+                if self.stream_delay:
+                    await asyncio.sleep(self.stream_delay)
+                if client_closed.is_set():
+                    self.stats["streams_client_closed"] += 1
+                    return
+                await emit(chunk({"content": piece}))
+            await emit(chunk({}, finish_reason))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": len(words),
+                    "total_tokens": prompt_tokens + len(words),
+                }
+                await emit(
+                    b"data: "
+                    + json.dumps({**base, "choices": [], "usage": usage}, separators=(",", ":")).encode()
+                    + b"\n\n"
+                )
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            self.stats["streams_completed"] += 1
+        finally:
+            watcher.cancel()
 
     @staticmethod
-    async def _json(send: Send, status: int, payload: dict[str, Any], request_id: str,
-                    headers: dict[str, str] | None = None) -> None:
+    async def _json(
+        send: Send, status: int, payload: dict[str, Any], request_id: str, headers: dict[str, str] | None = None
+    ) -> None:
         content = json.dumps(payload, separators=(",", ":")).encode()
-        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
-                       (b"x-request-id", request_id.encode())]
+        raw_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(content)).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
         raw_headers += [(name.encode(), value.encode()) for name, value in (headers or {}).items()]
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": content, "more_body": False})
@@ -305,7 +407,7 @@ class _HideSimulatedDrops(logging.Filter):
     """uvicorn logs the exception that drops a `mock-stream-break` connection; it is the point, not a bug."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], SimulatedConnectionDrop))
+        return not (record.exc_info and isinstance(record.exc_info[1], SimulatedConnectionDropError))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -314,13 +416,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Offline OpenAI-compatible upstream for demos and tests.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("MOCK_OPENAI_PORT", "9100")))
-    parser.add_argument("--delay-ms", type=float, default=float(os.environ.get("MOCK_STREAM_DELAY_MS",
-                                                                              DEFAULT_STREAM_DELAY_MS)),
-                        help="pause before each streamed word (default %(default)s)")
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=float(os.environ.get("MOCK_STREAM_DELAY_MS", DEFAULT_STREAM_DELAY_MS)),
+        help="pause before each streamed word (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     logging.getLogger("uvicorn.error").addFilter(_HideSimulatedDrops())
-    uvicorn.run(MockOpenAI(stream_delay_ms=args.delay_ms), host=args.host, port=args.port, access_log=False,
-                log_level="warning", lifespan="on", backlog=4096)
+    uvicorn.run(
+        MockOpenAI(stream_delay_ms=args.delay_ms),
+        host=args.host,
+        port=args.port,
+        access_log=False,
+        log_level="warning",
+        lifespan="on",
+        backlog=4096,
+    )
 
 
 if __name__ == "__main__":

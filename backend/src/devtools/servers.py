@@ -59,7 +59,10 @@ class ServerProcess:
 
 
 def start_mock_upstream(
-    *, host: str = "127.0.0.1", port: int | None = None, delay_ms: float | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    delay_ms: float | None = None,
     output: IO[bytes] | int | None = None,
 ) -> ServerProcess:
     port = port or free_port(host)
@@ -73,8 +76,13 @@ def start_mock_upstream(
 
 
 def start_service(
-    *, upstream_url: str | None, host: str = "127.0.0.1", port: int | None = None, workers: int = 1,
-    env: dict[str, str] | None = None, output: IO[bytes] | int | None = None,
+    *,
+    upstream_url: str | None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+    output: IO[bytes] | int | None = None,
 ) -> ServerProcess:
     """The real service under uvicorn; with `upstream_url` it is wired to that upstream with a placeholder key."""
     port = port or free_port(host)
@@ -82,8 +90,23 @@ def start_service(
     if upstream_url is not None:
         service_env.setdefault("OPENAI_BASE_URL", f"{upstream_url}/v1")
         service_env.setdefault("OPENAI_API_KEY", DEMO_API_KEY)
-    command = [sys.executable, "-m", "uvicorn", "src.main:app", "--app-dir", str(BACKEND_DIR), "--host", host,
-               "--port", str(port), "--no-access-log", "--workers", str(workers), "--backlog", "4096"]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "src.main:app",
+        "--app-dir",
+        str(BACKEND_DIR),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--workers",
+        str(workers),
+        "--backlog",
+        "4096",
+    ]
     process = subprocess.Popen(command, cwd=BACKEND_DIR, env=service_env, stdout=output, stderr=output)
     server = ServerProcess("service", process, f"http://{host}:{port}")
     server.wait_ready()

@@ -27,9 +27,7 @@ class LLMRequest(_Request):
     model: str | None = Field(default=None, min_length=1, max_length=256, description="Default: LLM_DEFAULT_MODEL.")
     stream: StrictBool = False
     temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: StrictInt | None = Field(
-        default=None, ge=1, description="Sent upstream as `max_completion_tokens`."
-    )
+    max_tokens: StrictInt | None = Field(default=None, ge=1, description="Sent upstream as `max_completion_tokens`.")
     top_p: float | None = Field(default=None, ge=0, le=1)
     stop: StopSequence | Annotated[list[StopSequence], Field(min_length=1, max_length=MAX_STOP_SEQUENCES)] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)

@@ -66,7 +66,7 @@ def configure_logging(*, level: str, fmt: LogFormat) -> None:
         cache_logger_on_first_use=False,
     )
 
-    handler = logging.StreamHandler(_STDOUT)  # type: ignore[arg-type]
+    handler = logging.StreamHandler(_STDOUT)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],

@@ -74,9 +74,17 @@ async def test_all_parameters_are_forwarded_and_max_tokens_is_renamed(
     client: httpx.AsyncClient, upstream: respx.MockRouter
 ) -> None:
     route = upstream.post("/chat/completions").respond(200, json=completion())
-    params = {
-        "model": "gpt-4.1-mini", "temperature": 0.2, "max_tokens": 50, "top_p": 0.9, "stop": ["END", "STOP"],
-        "presence_penalty": 0.5, "frequency_penalty": -0.5, "seed": 7, "reasoning_effort": "low", "user": "u-1",
+    params: dict[str, Any] = {
+        "model": "gpt-4.1-mini",
+        "temperature": 0.2,
+        "max_tokens": 50,
+        "top_p": 0.9,
+        "stop": ["END", "STOP"],
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "seed": 7,
+        "reasoning_effort": "low",
+        "user": "u-1",
     }
 
     response = await client.post(CHAT, json=chat_body(**params))
@@ -85,8 +93,17 @@ async def test_all_parameters_are_forwarded_and_max_tokens_is_renamed(
     sent = upstream_json(route)
     assert "max_tokens" not in sent
     assert sent["max_completion_tokens"] == 50
-    for name in ("model", "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed",
-                 "reasoning_effort", "user"):
+    for name in (
+        "model",
+        "temperature",
+        "top_p",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "reasoning_effort",
+        "user",
+    ):
         assert sent[name] == params[name], name
 
 
@@ -103,8 +120,9 @@ async def test_finish_reason_length_is_passed_through(client: httpx.AsyncClient,
     assert response.json()["finish_reason"] == "length"
 
 
-async def test_malformed_upstream_answer_is_upstream_error(client: httpx.AsyncClient,
-                                                           upstream: respx.MockRouter) -> None:
+async def test_malformed_upstream_answer_is_upstream_error(
+    client: httpx.AsyncClient, upstream: respx.MockRouter
+) -> None:
     upstream.post("/chat/completions").respond(200, json={"unexpected": True})
     response = await client.post(CHAT, json=chat_body())
     assert response.status_code == 502
@@ -195,7 +213,7 @@ async def test_chunked_body_under_cap_is_served(app_client: Callable[..., Any], 
 
     async def chunks() -> AsyncIterator[bytes]:
         for start in range(0, len(payload), 10):
-            yield payload[start:start + 10]
+            yield payload[start : start + 10]
 
     async with app_client(make_settings(max_request_bytes=500)) as (client, _, _):
         response = await client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
@@ -212,8 +230,9 @@ async def test_sane_caller_request_id_is_kept(client: httpx.AsyncClient, upstrea
     assert response.json()["request_id"] == "abc.DEF_123-x"
 
 
-@pytest.mark.parametrize("bad_id", ["has space", "x" * 129, "semi;colon", "<script>"],
-                         ids=["space", "too_long", "semicolon", "markup"])
+@pytest.mark.parametrize(
+    "bad_id", ["has space", "x" * 129, "semi;colon", "<script>"], ids=["space", "too_long", "semicolon", "markup"]
+)
 async def test_insane_caller_request_id_is_replaced(client: httpx.AsyncClient, bad_id: str) -> None:
     response = await client.get("/health", headers={"X-Request-ID": bad_id})
     generated = response.headers["x-request-id"]
@@ -229,9 +248,11 @@ async def test_every_response_carries_a_request_id(client: httpx.AsyncClient) ->
 # --- auth, configuration, model policy ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": SERVICE_KEY},
-                                     {"Authorization": f"Basic {SERVICE_KEY}"}],
-                         ids=["missing", "wrong", "no_scheme", "basic_scheme"])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": SERVICE_KEY}, {"Authorization": f"Basic {SERVICE_KEY}"}],
+    ids=["missing", "wrong", "no_scheme", "basic_scheme"],
+)
 async def test_service_keys_reject_missing_or_wrong_bearer(
     app_client: Callable[..., Any], upstream: respx.MockRouter, headers: dict[str, str]
 ) -> None:
@@ -244,8 +265,9 @@ async def test_service_keys_reject_missing_or_wrong_bearer(
     assert not route.called
 
 
-async def test_service_keys_accept_any_configured_bearer(app_client: Callable[..., Any],
-                                                         upstream: respx.MockRouter) -> None:
+async def test_service_keys_accept_any_configured_bearer(
+    app_client: Callable[..., Any], upstream: respx.MockRouter
+) -> None:
     upstream.post("/chat/completions").respond(200, json=completion())
     async with app_client(make_settings(service_api_keys=f"other, {SERVICE_KEY}")) as (client, _, _):
         for key in ("other", SERVICE_KEY):
@@ -286,8 +308,9 @@ async def test_model_outside_allow_list_is_400(app_client: Callable[..., Any], u
     assert route.call_count == 2
 
 
-async def test_llm_default_model_is_used_when_request_names_none(app_client: Callable[..., Any],
-                                                                 upstream: respx.MockRouter) -> None:
+async def test_llm_default_model_is_used_when_request_names_none(
+    app_client: Callable[..., Any], upstream: respx.MockRouter
+) -> None:
     route = upstream.post("/chat/completions").respond(200, json=completion())
     async with app_client(make_settings(llm_default_model="gpt-4.1-nano")) as (client, _, _):
         await client.post(CHAT, json=chat_body())
@@ -301,21 +324,49 @@ def _openai_error(message: str, *, type_: str = "invalid_request_error", code: s
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
-LEAKY_401 = _openai_error("Incorrect API key provided: sk-test-S********6789. Find yours at platform",
-                          code="invalid_api_key")
+LEAKY_401 = _openai_error(
+    "Incorrect API key provided: sk-test-S********6789. Find yours at platform", code="invalid_api_key"
+)
 UPSTREAM_ERRORS: dict[str, tuple[int, dict[str, Any], dict[str, str], int, str]] = {
     "401_auth": (401, LEAKY_401, {}, 500, "llm_auth_error"),
     "403_forbidden": (403, _openai_error("Project sk-proj-abc123 may not use this model"), {}, 500, "llm_auth_error"),
-    "400_invalid": (400, _openai_error("Unsupported value: 'temperature' does not support 0.2 with this model.",
-                                       code="unsupported_value"), {}, 400, "invalid_request"),
-    "400_context_length": (400, _openai_error("maximum context length is 128000 tokens",
-                                              code="context_length_exceeded"), {}, 400, "context_length_exceeded"),
-    "404_model": (404, _openai_error("The model `nope` does not exist", code="model_not_found"), {}, 400,
-                  "model_not_found"),
-    "429_rate_limited": (429, _openai_error("Rate limit reached", type_="requests", code="rate_limit_exceeded"),
-                         {"retry-after": "7"}, 429, "rate_limited"),
-    "429_insufficient_quota": (429, _openai_error("You exceeded your current quota", type_="insufficient_quota",
-                                                  code="insufficient_quota"), {}, 503, "quota_exceeded"),
+    "400_invalid": (
+        400,
+        _openai_error(
+            "Unsupported value: 'temperature' does not support 0.2 with this model.", code="unsupported_value"
+        ),
+        {},
+        400,
+        "invalid_request",
+    ),
+    "400_context_length": (
+        400,
+        _openai_error("maximum context length is 128000 tokens", code="context_length_exceeded"),
+        {},
+        400,
+        "context_length_exceeded",
+    ),
+    "404_model": (
+        404,
+        _openai_error("The model `nope` does not exist", code="model_not_found"),
+        {},
+        400,
+        "model_not_found",
+    ),
+    "429_rate_limited": (
+        429,
+        _openai_error("Rate limit reached", type_="requests", code="rate_limit_exceeded"),
+        {"retry-after": "7"},
+        429,
+        "rate_limited",
+    ),
+    "429_insufficient_quota": (
+        429,
+        _openai_error("You exceeded your current quota", type_="insufficient_quota", code="insufficient_quota"),
+        {},
+        503,
+        "quota_exceeded",
+    ),
     "500_server": (500, _openai_error("The server had an error", type_="server_error"), {}, 502, "upstream_error"),
     "502_gateway": (502, {"error": "bad gateway"}, {}, 502, "upstream_error"),
     "503_overloaded": (503, _openai_error("overloaded", type_="server_error"), {}, 502, "upstream_error"),
@@ -323,11 +374,20 @@ UPSTREAM_ERRORS: dict[str, tuple[int, dict[str, Any], dict[str, str], int, str]]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["batch", "stream"])
-@pytest.mark.parametrize(("upstream_status", "upstream_body", "upstream_headers", "status", "code"),
-                         UPSTREAM_ERRORS.values(), ids=UPSTREAM_ERRORS.keys())
+@pytest.mark.parametrize(
+    ("upstream_status", "upstream_body", "upstream_headers", "status", "code"),
+    UPSTREAM_ERRORS.values(),
+    ids=UPSTREAM_ERRORS.keys(),
+)
 async def test_upstream_error_maps_to_contract_code(
-    client: httpx.AsyncClient, upstream: respx.MockRouter, stream: bool, upstream_status: int,
-    upstream_body: dict[str, Any], upstream_headers: dict[str, str], status: int, code: str,
+    client: httpx.AsyncClient,
+    upstream: respx.MockRouter,
+    stream: bool,
+    upstream_status: int,
+    upstream_body: dict[str, Any],
+    upstream_headers: dict[str, str],
+    status: int,
+    code: str,
 ) -> None:
     upstream.post("/chat/completions").respond(upstream_status, json=upstream_body, headers=upstream_headers)
 
@@ -365,19 +425,22 @@ async def test_upstream_transport_failure_maps_to_contract_code(
 
 
 async def test_retry_after_ms_is_converted_to_seconds(client: httpx.AsyncClient, upstream: respx.MockRouter) -> None:
-    upstream.post("/chat/completions").respond(429, json=_openai_error("slow down", code="rate_limit_exceeded"),
-                                               headers={"retry-after-ms": "2500"})
+    upstream.post("/chat/completions").respond(
+        429, json=_openai_error("slow down", code="rate_limit_exceeded"), headers={"retry-after-ms": "2500"}
+    )
     response = await client.post(CHAT, json=chat_body())
     assert response.status_code == 429
     assert response.headers["retry-after"] == "2"
 
 
-async def test_sdk_retries_transient_upstream_failures(app_client: Callable[..., Any],
-                                                       upstream: respx.MockRouter) -> None:
+async def test_sdk_retries_transient_upstream_failures(
+    app_client: Callable[..., Any], upstream: respx.MockRouter
+) -> None:
     route = upstream.post("/chat/completions")
-    route.side_effect = [httpx.Response(500, json=_openai_error("boom", type_="server_error"),
-                                        headers={"retry-after-ms": "10"}),
-                         httpx.Response(200, json=completion())]
+    route.side_effect = [
+        httpx.Response(500, json=_openai_error("boom", type_="server_error"), headers={"retry-after-ms": "10"}),
+        httpx.Response(200, json=completion()),
+    ]
     async with app_client(make_settings(llm_max_retries=1)) as (client, _, _):
         response = await client.post(CHAT, json=chat_body())
     assert response.status_code == 200
@@ -428,8 +491,16 @@ async def test_stream_sends_delta_events_then_done(client: httpx.AsyncClient, up
         ("delta", {"content": "Hel"}),
         ("delta", {"content": "lo"}),
         ("delta", {"content": " world"}),
-        ("done", {"id": "chatcmpl-s1", "model": "gpt-5-mini-2025", "request_id": response.headers["x-request-id"],
-                  "finish_reason": "stop", "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}),
+        (
+            "done",
+            {
+                "id": "chatcmpl-s1",
+                "model": "gpt-5-mini-2025",
+                "request_id": response.headers["x-request-id"],
+                "finish_reason": "stop",
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+            },
+        ),
     ]
     sent = upstream_json(route)
     assert sent["stream"] is True
@@ -437,8 +508,9 @@ async def test_stream_sends_delta_events_then_done(client: httpx.AsyncClient, up
     assert sent["max_completion_tokens"] == 20
 
 
-async def test_stream_skips_empty_deltas_and_tolerates_crlf(client: httpx.AsyncClient,
-                                                            upstream: respx.MockRouter) -> None:
+async def test_stream_skips_empty_deltas_and_tolerates_crlf(
+    client: httpx.AsyncClient, upstream: respx.MockRouter
+) -> None:
     raw = sse_chunks(["a", "", "b"]).replace(b"\n", b"\r\n")
     upstream.post("/chat/completions").respond(200, content=raw, headers={"content-type": "text/event-stream"})
     response = await client.post(CHAT, json=chat_body(stream=True))
@@ -492,8 +564,9 @@ async def test_stream_upstream_failure_after_first_byte_emits_error_event(
 ) -> None:
     partial = sse_chunks(["one", " two"], usage=False, done=False).split(b"\n\n")[:3]
     stream = _BreakingStream([part + b"\n\n" for part in partial], error)
-    upstream.post("/chat/completions").mock(return_value=httpx.Response(200, stream=stream,
-                                                                        headers={"content-type": "text/event-stream"}))
+    upstream.post("/chat/completions").mock(
+        return_value=httpx.Response(200, stream=stream, headers={"content-type": "text/event-stream"})
+    )
 
     response = await client.post(CHAT, json=chat_body(stream=True))
 
@@ -524,8 +597,9 @@ async def test_stream_client_disconnect_closes_upstream_and_logs_cancelled(
         async def aclose(self) -> None:
             upstream_closed.set()
 
-    upstream.post("/chat/completions").mock(return_value=httpx.Response(
-        200, stream=SlowStream(), headers={"content-type": "text/event-stream"}))
+    upstream.post("/chat/completions").mock(
+        return_value=httpx.Response(200, stream=SlowStream(), headers={"content-type": "text/event-stream"})
+    )
     body = json.dumps(chat_body(stream=True)).encode()
     sent: list[dict[str, Any]] = []
     first_delta = asyncio.Event()
@@ -544,11 +618,20 @@ async def test_stream_client_disconnect_closes_upstream_and_logs_cancelled(
         if message["type"] == "http.response.body" and b"event: delta" in message.get("body", b""):
             first_delta.set()
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"",
-             "root_path": "", "headers": [(b"content-type", b"application/json"),
-                                          (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": CHAT,
+        "raw_path": CHAT.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
     async with app_client() as (_, _, asgi):
         async with asyncio.timeout(5):
             await asgi(scope, receive, send)
@@ -562,16 +645,18 @@ async def test_stream_client_disconnect_closes_upstream_and_logs_cancelled(
     assert 1 <= call["delivered_chunks"] < 51
 
 
-async def test_stream_pool_exhausted_answers_503_quickly(app_client: Callable[..., Any],
-                                                         upstream: respx.MockRouter) -> None:
+async def test_stream_pool_exhausted_answers_503_quickly(
+    app_client: Callable[..., Any], upstream: respx.MockRouter
+) -> None:
     class Held(httpx.AsyncByteStream):
         async def __aiter__(self) -> AsyncIterator[bytes]:
             yield sse_chunks(["x"]).split(b"\n\n")[0] + b"\n\n"
             await asyncio.sleep(0.5)
             yield sse_chunks(["x"]).split(b"\n\n", 1)[1]
 
-    upstream.post("/chat/completions").mock(side_effect=lambda request: httpx.Response(
-        200, stream=Held(), headers={"content-type": "text/event-stream"}))
+    upstream.post("/chat/completions").mock(
+        side_effect=lambda request: httpx.Response(200, stream=Held(), headers={"content-type": "text/event-stream"})
+    )
     settings = make_settings(llm_max_connections=1, llm_pool_timeout_seconds=0.05)
     async with app_client(settings) as (client, _, _):
         holder = asyncio.create_task(client.post(CHAT, json=chat_body(stream=True)))
@@ -594,11 +679,15 @@ async def test_stream_pool_exhausted_answers_503_quickly(app_client: Callable[..
 async def test_logs_one_request_line_and_one_call_line_without_secrets_or_text(
     app_client: Callable[..., Any], upstream: respx.MockRouter, read_logs: Logs
 ) -> None:
-    upstream.post("/chat/completions").respond(200, json=completion("The secret answer"),
-                                               headers={"x-request-id": "req_up_9"})
+    upstream.post("/chat/completions").respond(
+        200, json=completion("The secret answer"), headers={"x-request-id": "req_up_9"}
+    )
     async with app_client(make_settings(service_api_keys=SERVICE_KEY)) as (client, _, _):
-        response = await client.post(CHAT, json=chat_body("my private prompt"),
-                                     headers={"Authorization": f"Bearer {SERVICE_KEY}", "X-Request-ID": "rid-1"})
+        response = await client.post(
+            CHAT,
+            json=chat_body("my private prompt"),
+            headers={"Authorization": f"Bearer {SERVICE_KEY}", "X-Request-ID": "rid-1"},
+        )
     assert response.status_code == 200
 
     logs = read_logs()
@@ -607,7 +696,12 @@ async def test_logs_one_request_line_and_one_call_line_without_secrets_or_text(
     assert len(requests) == 1
     assert len(calls) == 1
     assert requests[0] | {"duration_ms": 0} == requests[0] | {
-        "request_id": "rid-1", "method": "POST", "path": CHAT, "status": 200, "duration_ms": 0}
+        "request_id": "rid-1",
+        "method": "POST",
+        "path": CHAT,
+        "status": 200,
+        "duration_ms": 0,
+    }
     assert requests[0]["duration_ms"] > 0
     call = calls[0]
     assert call["request_id"] == "rid-1"
@@ -624,10 +718,12 @@ async def test_logs_one_request_line_and_one_call_line_without_secrets_or_text(
         assert secret not in raw
 
 
-async def test_stream_call_log_has_ttft_and_usage(client: httpx.AsyncClient, upstream: respx.MockRouter,
-                                                  read_logs: Logs) -> None:
-    upstream.post("/chat/completions").respond(200, content=sse_chunks(["a", "b"]),
-                                               headers={"content-type": "text/event-stream"})
+async def test_stream_call_log_has_ttft_and_usage(
+    client: httpx.AsyncClient, upstream: respx.MockRouter, read_logs: Logs
+) -> None:
+    upstream.post("/chat/completions").respond(
+        200, content=sse_chunks(["a", "b"]), headers={"content-type": "text/event-stream"}
+    )
     await client.post(CHAT, json=chat_body(stream=True))
     call = _events(read_logs(), "llm_call")[-1]
     assert call["stream"] is True
@@ -637,8 +733,9 @@ async def test_stream_call_log_has_ttft_and_usage(client: httpx.AsyncClient, ups
     assert "cancelled" not in call
 
 
-async def test_failed_call_log_has_error_code(client: httpx.AsyncClient, upstream: respx.MockRouter,
-                                              read_logs: Logs) -> None:
+async def test_failed_call_log_has_error_code(
+    client: httpx.AsyncClient, upstream: respx.MockRouter, read_logs: Logs
+) -> None:
     upstream.post("/chat/completions").respond(401, json=LEAKY_401)
     await client.post(CHAT, json=chat_body())
     logs = read_logs()
@@ -648,8 +745,9 @@ async def test_failed_call_log_has_error_code(client: httpx.AsyncClient, upstrea
     assert "sk-test" not in read_logs.raw  # type: ignore[attr-defined]
 
 
-async def test_log_prompts_logs_message_text(app_client: Callable[..., Any], upstream: respx.MockRouter,
-                                             read_logs: Logs) -> None:
+async def test_log_prompts_logs_message_text(
+    app_client: Callable[..., Any], upstream: respx.MockRouter, read_logs: Logs
+) -> None:
     upstream.post("/chat/completions").respond(200, json=completion("visible answer"))
     async with app_client(make_settings(log_prompts=True)) as (client, _, _):
         await client.post(CHAT, json=chat_body("visible prompt"))
@@ -658,8 +756,9 @@ async def test_log_prompts_logs_message_text(app_client: Callable[..., Any], ups
     assert call["answer"] == "visible answer"
 
 
-async def test_log_level_filters_info_lines(app_client: Callable[..., Any], upstream: respx.MockRouter,
-                                            read_logs: Logs) -> None:
+async def test_log_level_filters_info_lines(
+    app_client: Callable[..., Any], upstream: respx.MockRouter, read_logs: Logs
+) -> None:
     upstream.post("/chat/completions").respond(200, json=completion())
     async with app_client(make_settings(log_level="WARNING")) as (client, _, _):
         await client.post(CHAT, json=chat_body())
@@ -669,18 +768,26 @@ async def test_log_level_filters_info_lines(app_client: Callable[..., Any], upst
 # --- CORS and OpenAPI ----------------------------------------------------------------------------------------------
 
 
-async def test_cors_preflight_and_exposed_request_id(app_client: Callable[..., Any],
-                                                     upstream: respx.MockRouter) -> None:
-    upstream.post("/chat/completions").respond(200, content=sse_chunks(["a"]),
-                                               headers={"content-type": "text/event-stream"})
+async def test_cors_preflight_and_exposed_request_id(
+    app_client: Callable[..., Any], upstream: respx.MockRouter
+) -> None:
+    upstream.post("/chat/completions").respond(
+        200, content=sse_chunks(["a"]), headers={"content-type": "text/event-stream"}
+    )
     origin = "https://app.example"
     async with app_client(make_settings(cors_allow_origins=f"{origin},https://other.example")) as (client, _, _):
-        preflight = await client.options(CHAT, headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type"})
+        preflight = await client.options(
+            CHAT,
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
         streamed = await client.post(CHAT, json=chat_body(stream=True), headers={"Origin": origin})
-        foreign = await client.options(CHAT, headers={"Origin": "https://evil.example",
-                                                      "Access-Control-Request-Method": "POST"})
+        foreign = await client.options(
+            CHAT, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+        )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == origin
     assert streamed.headers["access-control-allow-origin"] == origin

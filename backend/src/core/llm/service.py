@@ -12,7 +12,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,9 +60,7 @@ def map_upstream_error(exc: Exception) -> LLMServiceError:
     if isinstance(exc, openai.APITimeoutError):
         if isinstance(exc.__cause__, httpx.PoolTimeout):
             return _pool_exhausted()
-        return LLMServiceError(
-            ErrorCode.UPSTREAM_TIMEOUT, "The LLM provider did not answer in time.", status_code=504
-        )
+        return LLMServiceError(ErrorCode.UPSTREAM_TIMEOUT, "The LLM provider did not answer in time.", status_code=504)
     if isinstance(exc, openai.APIConnectionError):
         return LLMServiceError(
             ErrorCode.UPSTREAM_UNAVAILABLE, "The LLM provider could not be reached.", status_code=503
@@ -83,9 +81,7 @@ def map_upstream_error(exc: Exception) -> LLMServiceError:
     if isinstance(exc, openai.NotFoundError):
         return LLMServiceError(ErrorCode.MODEL_NOT_FOUND, _upstream_message(exc), status_code=400)
     if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
-        code = (
-            ErrorCode.CONTEXT_LENGTH_EXCEEDED if exc.code == "context_length_exceeded" else ErrorCode.INVALID_REQUEST
-        )
+        code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if exc.code == "context_length_exceeded" else ErrorCode.INVALID_REQUEST
         return LLMServiceError(code, _upstream_message(exc), status_code=400)
     if isinstance(exc, openai.APIStatusError):
         return LLMServiceError(
@@ -97,9 +93,7 @@ def map_upstream_error(exc: Exception) -> LLMServiceError:
         # An error the provider reported inside a stream that had already started.
         return LLMServiceError(ErrorCode.UPSTREAM_ERROR, _upstream_message(exc), status_code=502)
     if isinstance(exc, httpx.TimeoutException):
-        return LLMServiceError(
-            ErrorCode.UPSTREAM_TIMEOUT, "The LLM provider stopped sending in time.", status_code=504
-        )
+        return LLMServiceError(ErrorCode.UPSTREAM_TIMEOUT, "The LLM provider stopped sending in time.", status_code=504)
     if isinstance(exc, httpx.HTTPError):
         return LLMServiceError(
             ErrorCode.UPSTREAM_ERROR, "The connection to the LLM provider broke mid-answer.", status_code=502
@@ -202,7 +196,7 @@ class ChatStream:
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._events
 
-    async def _relay(self) -> AsyncIterator[bytes]:
+    async def _relay(self) -> AsyncGenerator[bytes, None]:
         record = self._record
         fields = record.fields
         delivered_chars = 0
@@ -349,7 +343,7 @@ class LLMService:
             self.log_call(record)
             raise
         upstream = client.chat.completions.with_streaming_response.create(
-            **kwargs, stream=True, stream_options=_STREAM_OPTIONS
+            **{**kwargs, "stream": True, "stream_options": _STREAM_OPTIONS}
         )
         try:
             with translate_upstream_errors():

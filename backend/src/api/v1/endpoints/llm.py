@@ -11,9 +11,9 @@ from src.api.sse import EventStreamResponse
 from src.models.llm import ErrorEnvelope, LLMRequest, LLMResponse
 
 _STREAM_DESCRIPTION = (
-    "With `stream: true`: `text/event-stream` of `event: delta` (`{\"content\"}`), then `event: done` "
-    "(`{\"id\", \"model\", \"request_id\", \"finish_reason\", \"usage\"}`), or `event: error` "
-    "(`{\"code\", \"message\", \"request_id\"}`) if the upstream fails after the stream began."
+    'With `stream: true`: `text/event-stream` of `event: delta` (`{"content"}`), then `event: done` '
+    '(`{"id", "model", "request_id", "finish_reason", "usage"}`), or `event: error` '
+    '(`{"code", "message", "request_id"}`) if the upstream fails after the stream began.'
 )
 
 
@@ -39,8 +39,18 @@ router = APIRouter(prefix="/llm", tags=["llm"], dependencies=[Depends(require_ap
 @router.post(
     "/chat",
     response_model=LLMResponse,
-    responses={200: {"description": "The answer", "content": {"text/event-stream": {"schema": {"type": "string"},
-               "example": "event: delta\ndata: {\"content\":\"Hi\"}\n\n"}}}, **CHAT_ERROR_RESPONSES},
+    responses={
+        200: {
+            "description": "The answer",
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": 'event: delta\ndata: {"content":"Hi"}\n\n',
+                }
+            },
+        },
+        **CHAT_ERROR_RESPONSES,
+    },
     summary="Chat completion, as one JSON answer or as a Server-Sent-Events stream",
     description=_STREAM_DESCRIPTION,
 )

@@ -1,0 +1,54 @@
+"""Real processes: the bundled upstream and the service under uvicorn on free ports, shared by the module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from src.devtools.servers import ServerProcess, start_mock_upstream, start_service
+
+# Long enough that a healthy call never trips it, short enough that the hang faults finish quickly.
+E2E_TIMEOUT_SECONDS = 1.5
+E2E_STREAM_DELAY_MS = 30
+
+
+@dataclass
+class Stack:
+    upstream: ServerProcess
+    service: ServerProcess
+    service_log: Path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    logs = tmp_path_factory.mktemp("e2e")
+    upstream_log = (logs / "upstream.log").open("wb")
+    service_log_path = logs / "service.log"
+    service_log = service_log_path.open("wb")
+    upstream = start_mock_upstream(delay_ms=E2E_STREAM_DELAY_MS, output=upstream_log)
+    try:
+        service = start_service(
+            upstream_url=upstream.url,
+            output=service_log,
+            env={
+                "LLM_TIMEOUT_SECONDS": str(E2E_TIMEOUT_SECONDS),
+                "LLM_MAX_RETRIES": "0",
+                "LOG_FORMAT": "json",
+                "LOG_LEVEL": "INFO",
+                "LLM_DEMO_UPSTREAM": "true",
+                "OPENAI_API_KEY": "sk-e2e-SECRET-key-0123456789",
+            },
+        )
+    except BaseException:
+        upstream.stop()
+        raise
+    try:
+        yield Stack(upstream, service, service_log_path)
+    finally:
+        service.stop()
+        upstream.stop()
+        upstream_log.close()
+        service_log.close()

@@ -1,0 +1,47 @@
+"""`make demo`'s launcher: both servers start, the printed curl commands work, Ctrl-C stops both."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from src.devtools.servers import BACKEND_DIR, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def test_demo_serves_batch_and_stream_then_stops_on_ctrl_c() -> None:
+    port = free_port()
+    demo = subprocess.Popen([sys.executable, "-m", "src.devtools.demo", "--port", str(port)], cwd=BACKEND_DIR,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = ""
+        deadline = time.monotonic() + 30
+        assert demo.stdout is not None
+        while "Press Ctrl-C" not in output and time.monotonic() < deadline:
+            output += demo.stdout.readline()
+        assert "OFFLINE DEMO" in output
+        url = f"http://127.0.0.1:{port}"
+        assert f"curl -N {url}/api/v1/llm/chat" in output
+
+        curl_body = {"messages": [{"role": "user", "content": "Hello there"}]}
+        batch = httpx.post(f"{url}/api/v1/llm/chat", json=curl_body, timeout=10)
+        stream = httpx.post(f"{url}/api/v1/llm/chat", json={**curl_body, "stream": True}, timeout=10)
+        assert batch.status_code == 200
+        assert "Hello there" in batch.json()["message"]["content"]
+        assert "event: done" in stream.text
+    finally:
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=30)
+    assert demo.returncode == 0
+    assert "stopping" in rest
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    startup = [json.loads(line) for line in (output + rest).splitlines() if line.startswith("{")]
+    assert any(line["event"] == "offline_demo_upstream" for line in startup)
