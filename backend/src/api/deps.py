@@ -1,4 +1,7 @@
-"""Typed FastAPI dependencies: the LLM service, the request id, and the caller's bearer key."""
+"""Typed FastAPI dependencies: the LLM service, the request id, and the caller's bearer key.
+
+All are `async def`: FastAPI runs plain `def` dependencies in a thread pool, a thread hop per request for nothing.
+"""
 
 from __future__ import annotations
 
@@ -15,17 +18,17 @@ from src.core.llm.service import LLMService
 _bearer = HTTPBearer(auto_error=False, description="One of SERVICE_API_KEYS, when the service has any.")
 
 
-def get_settings_of_app(request: Request) -> Settings:
+async def get_settings_of_app(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_llm_service(request: Request) -> LLMService:
+async def get_llm_service(request: Request) -> LLMService:
     service: LLMService = request.state.llm_service
     return service
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     request_id: str = request.state.request_id
     return request_id
 
@@ -35,7 +38,7 @@ LLMServiceDep = Annotated[LLMService, Depends(get_llm_service)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

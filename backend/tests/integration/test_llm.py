@@ -801,3 +801,11 @@ async def test_openapi_declares_every_error_response(client: httpx.AsyncClient) 
     assert {"200", "400", "401", "413", "422", "429", "500", "502", "503", "504"} <= responses.keys()
     assert "text/event-stream" in responses["200"]["content"]
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_auth_is_checked_before_validation(app_client: Callable[..., Any]) -> None:
+    async with app_client(make_settings(service_api_keys=SERVICE_KEY)) as (client, _, _):
+        anonymous = await client.post(CHAT, json={})
+        authorised = await client.post(CHAT, json={}, headers={"Authorization": f"Bearer {SERVICE_KEY}"})
+    assert anonymous.status_code == 401
+    assert authorised.status_code == 422

@@ -1,9 +1,16 @@
-"""Builds the one `AsyncOpenAI` client of the process: base URL, timeouts, retries and connection pool."""
+"""Builds the one `AsyncOpenAI` client of the process: base URL, timeouts, retries and connection pool.
+
+Production talks HTTP through the SDK's aiohttp transport (`DefaultAioHttpClient`): under concurrency httpx's own
+connection pool scans every idle connection per request (encode/httpx#3215), which cost a third of the service's
+throughput; the measurements are in specs/003-llm-service/plan.md. Tests may inject a plain httpx client, which
+respx intercepts, and the service code is the same either way.
+"""
 
 from __future__ import annotations
 
 import httpx
-from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+from httpx_aiohttp import AiohttpTransport
+from openai import AsyncOpenAI, DefaultAioHttpClient
 
 from src.core.config import Settings
 
@@ -11,12 +18,28 @@ from src.core.config import Settings
 MAX_CONNECT_TIMEOUT_SECONDS = 10.0
 
 
+class UpstreamTransport(AiohttpTransport):
+    """aiohttp under httpx, with connection failures reported as what they are.
+
+    httpx-aiohttp maps every `aiohttp.ClientConnectionError` (refused, reset, server gone) to `httpx.ConnectTimeout`,
+    which would turn "upstream unreachable" (503) into "upstream timeout" (504). Real timeouts from aiohttp are
+    `TimeoutError`s; everything else becomes `httpx.ConnectError`.
+    """
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except httpx.ConnectTimeout as exc:
+            if isinstance(exc.__cause__, TimeoutError):
+                raise
+            raise httpx.ConnectError(str(exc), request=request) from exc.__cause__
+
+
 def upstream_timeout(settings: Settings) -> httpx.Timeout:
-    return httpx.Timeout(
-        settings.llm_timeout_seconds,
-        connect=min(settings.llm_timeout_seconds, MAX_CONNECT_TIMEOUT_SECONDS),
-        pool=settings.llm_pool_timeout_seconds,
-    )
+    connect = min(settings.llm_timeout_seconds, MAX_CONNECT_TIMEOUT_SECONDS)
+    # The wait for a free connection is bounded by the service's own slots (LLM_POOL_TIMEOUT_SECONDS), so the
+    # transport's pool timeout only needs to cover connecting (aiohttp counts both in one `connect` timeout).
+    return httpx.Timeout(settings.llm_timeout_seconds, connect=connect, pool=connect)
 
 
 def upstream_limits(settings: Settings) -> httpx.Limits:
@@ -36,7 +59,8 @@ def build_openai_client(settings: Settings, *, http_client: httpx.AsyncClient | 
         return None
     timeout = upstream_timeout(settings)
     if http_client is None:
-        http_client = DefaultAsyncHttpxClient(timeout=timeout, limits=upstream_limits(settings))
+        limits = upstream_limits(settings)
+        http_client = DefaultAioHttpClient(timeout=timeout, limits=limits, transport=UpstreamTransport(limits=limits))
     return AsyncOpenAI(
         api_key=settings.openai_api_key.get_secret_value(),
         base_url=settings.openai_base_url,

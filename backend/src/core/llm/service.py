@@ -1,8 +1,9 @@
 """`LLMService`: chat over the shared OpenAI client; the only module that knows OpenAI's types and errors.
 
-Batch calls and streams both go through the SDK (auth, retries, base URL, error classes) but use its raw-response
-API: answers are read as JSON and stream chunks are parsed by the lean SSE decoder below, so no pydantic model is
-built per chunk on the hot path.
+Batch calls and streams both go through the SDK (auth, retries, base URL, error classes) with its public raw
+request method, `client.post(path, cast_to=httpx.Response, ...)`: the SDK neither transforms the body against its
+TypedDicts nor builds a pydantic model per answer or stream chunk. Answers are read as JSON and stream chunks are
+parsed by the lean SSE decoder below; see specs/003-llm-service/plan.md for the measurements behind this.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ NOT_CONFIGURED_MESSAGE = "No LLM provider is configured: set OPENAI_API_KEY on t
 _DONE_SENTINEL = "[DONE]"
 _RETRY_AFTER_HEADERS = ("retry-after",)
 _STREAM_OPTIONS = {"include_usage": True}
+CHAT_COMPLETIONS_PATH = "/chat/completions"
 
 
 def redact_secrets(text: str) -> str:
@@ -181,12 +183,10 @@ class ChatStream:
     def __init__(
         self,
         *,
-        upstream: contextlib.AbstractAsyncContextManager[Any],
         response: httpx.Response,
         record: _CallRecord,
         service: LLMService,
     ) -> None:
-        self._upstream = upstream
         self._response = response
         self._record = record
         self._service = service
@@ -273,7 +273,7 @@ class ChatStream:
         with anyio.CancelScope(shield=True):
             try:
                 await self._events.aclose()
-                await self._upstream.__aexit__(None, None, None)
+                await self._response.aclose()
             finally:
                 self._service.release_slot()
                 if client_gone:
@@ -315,10 +315,9 @@ class LLMService:
             await self._acquire_slot()
             try:
                 with translate_upstream_errors():
-                    raw = await client.chat.completions.with_raw_response.create(**kwargs)
+                    http_response = await client.post(CHAT_COMPLETIONS_PATH, cast_to=httpx.Response, body=kwargs)
             finally:
                 self.release_slot()
-            http_response = raw.http_response
             record.fields["upstream_request_id"] = http_response.headers.get("x-request-id")
             answer = _batch_answer(http_response.content, request_id)
             if answer.usage is not None:
@@ -342,19 +341,19 @@ class LLMService:
             record.fields["code"] = exc.code
             self.log_call(record)
             raise
-        upstream = client.chat.completions.with_streaming_response.create(
-            **{**kwargs, "stream": True, "stream_options": _STREAM_OPTIONS}
-        )
+        body = {**kwargs, "stream": True, "stream_options": _STREAM_OPTIONS}
         try:
             with translate_upstream_errors():
-                api_response = await upstream.__aenter__()
+                response = await client.post(
+                    CHAT_COMPLETIONS_PATH, cast_to=httpx.Response, body=body, stream=True, stream_cls=None
+                )
         except ServiceError as exc:
             self.release_slot()
             record.fields["code"] = exc.code
             self.log_call(record)
             raise
-        record.fields["upstream_request_id"] = api_response.http_response.headers.get("x-request-id")
-        return ChatStream(upstream=upstream, response=api_response.http_response, record=record, service=self)
+        record.fields["upstream_request_id"] = response.headers.get("x-request-id")
+        return ChatStream(response=response, record=record, service=self)
 
     def _begin(
         self, request: LLMRequest, *, request_id: str, stream: bool
