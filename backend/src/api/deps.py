@@ -39,10 +39,11 @@ RequestIdDep = Annotated[str, Depends(get_request_id)]
 
 
 async def require_api_key(
-    settings: SettingsDep,
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """Open when SERVICE_API_KEYS is empty; otherwise the bearer must match one key (constant-time compare)."""
+    settings: Settings = request.app.state.settings
     if not settings.service_api_keys:
         return
     given = credentials.credentials.encode() if credentials is not None else b""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
+import secrets
 import time
-import uuid
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -85,7 +85,8 @@ class RequestContextMiddleware:
                 if _SANE_REQUEST_ID.fullmatch(value):
                     return str(value.decode())
                 break
-        return uuid.uuid4().hex
+        # 128 random bits as 32 hex characters, like uuid4().hex without building a UUID object per request.
+        return secrets.token_hex(16)
 
     async def _bounded_body(self, scope: Scope, receive: Receive) -> Receive | None:
         """Read the body up to the cap and replay it; None when it is too large.

@@ -18,8 +18,13 @@ pytestmark = pytest.mark.e2e
 
 def test_demo_serves_batch_and_stream_then_stops_on_ctrl_c() -> None:
     port = free_port()
-    demo = subprocess.Popen([sys.executable, "-m", "src.devtools.demo", "--port", str(port)], cwd=BACKEND_DIR,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "src.devtools.demo", "--port", str(port)],
+        cwd=BACKEND_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         output = ""
         deadline = time.monotonic() + 30

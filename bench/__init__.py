@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench` (bench.run), `make bench-compare` (bench.compare), `make soak` (bench.soak)."""

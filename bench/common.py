@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmarks: the stack under test, process memory, request bodies."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "backend"))
+
+from src.devtools.servers import DEMO_API_KEY, ServerProcess, start_mock_upstream, start_service  # noqa: E402
+
+RESULTS_DIR = ROOT / "bench" / "results"
+CHAT_PATH = "/api/v1/llm/chat"
+UPSTREAM_CHAT_PATH = "/v1/chat/completions"
+PROMPT = [{"role": "user", "content": "Benchmark me"}]
+
+
+def words_model(words: int) -> str:
+    return f"mock-words-{words}"
+
+
+def service_body(*, stream: bool, words: int) -> dict[str, Any]:
+    return {"messages": PROMPT, "model": words_model(words), "stream": stream}
+
+
+def upstream_body(*, stream: bool, words: int) -> dict[str, Any]:
+    """What the service itself sends upstream for the same call (so "direct" does the same upstream work)."""
+    body: dict[str, Any] = {"messages": PROMPT, "model": words_model(words)}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return body
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    path: str
+    headers: dict[str, str]
+    pid: int | None
+    body: Any
+
+    def request_body(self, *, stream: bool, words: int) -> bytes:
+        return json.dumps(self.body(stream=stream, words=words)).encode()
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(current, peak) resident memory of a process and its children (uvicorn workers), in MiB."""
+    current = peak = 0.0
+    for process in [pid, *_children(pid)]:
+        try:
+            status = Path(f"/proc/{process}/status").read_text()
+        except FileNotFoundError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        current += int(fields["VmRSS"].split()[0]) / 1024
+        peak += int(fields["VmHWM"].split()[0]) / 1024
+    return round(current, 1), round(peak, 1)
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    task_dir = Path(f"/proc/{pid}/task")
+    if not task_dir.exists():
+        return children
+    for task in task_dir.iterdir():
+        child_file = task / "children"
+        if child_file.exists():
+            children += [int(child) for child in child_file.read_text().split()]
+    return children
+
+
+class Stack(ExitStack):
+    """The bundled upstream plus services; everything is stopped on exit."""
+
+    def __init__(self, *, delay_ms: float, log_dir: Path) -> None:
+        super().__init__()
+        self.delay_ms = delay_ms
+        self.log_dir = log_dir
+        self.upstream: ServerProcess | None = None
+
+    def start_upstream(self) -> ServerProcess:
+        log = self.enter_context(open(self.log_dir / "upstream.log", "wb"))  # noqa: SIM115
+        self.upstream = start_mock_upstream(delay_ms=self.delay_ms, output=log)
+        self.callback(self.upstream.stop)
+        return self.upstream
+
+    def start_service(self, *, workers: int, env: dict[str, str] | None = None) -> ServerProcess:
+        assert self.upstream is not None
+        log: IO[bytes] = self.enter_context(open(self.log_dir / f"service-{workers}w.log", "wb"))  # noqa: SIM115
+        # Everything of the v1 contract stays on: JSON logs at INFO (to a file), request ids, error mapping.
+        service_env = {"LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **(env or {})}
+        service = start_service(upstream_url=self.upstream.url, workers=workers, env=service_env, output=log)
+        self.callback(service.stop)
+        return service
+
+
+def upstream_target(upstream: ServerProcess) -> Target:
+    return Target(
+        "direct to upstream",
+        upstream.url,
+        UPSTREAM_CHAT_PATH,
+        {"Authorization": f"Bearer {DEMO_API_KEY}"},
+        upstream.process.pid,
+        upstream_body,
+    )
+
+
+def service_target(name: str, service: ServerProcess) -> Target:
+    return Target(name, service.url, CHAT_PATH, {}, service.process.pid, service_body)
+
+
+def environment_summary() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform}
