@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 PIP_QUIET := --disable-pip-version-check -q
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo run test lint fmt openapi lock bench bench-compare soak clean
+.PHONY: help install demo run test lint fmt openapi lock bench-tools bench bench-compare soak clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -46,7 +46,11 @@ openapi: install ## Regenerate specs/003-llm-service/contracts/openapi.yaml from
 lock: ## Re-pin requirements.lock from pyproject.toml
 	$(PYTHON) scripts/lock.py
 
-bench: install ## Benchmark direct upstream vs the service (wrk); prints a table, writes bench/results/latest.json
+bench-tools: ## Install wrk (the load generator) from the system's packages when it is missing
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } || \
+		{ echo "install wrk (Debian/Ubuntu: apt-get install wrk)"; exit 1; }
+
+bench: install bench-tools ## Benchmark direct upstream vs the service (wrk); prints a table, writes bench/results/latest.json
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 bench-compare: install ## Compare bench/results/latest.json with bench/results/previous.json

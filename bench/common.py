@@ -13,12 +13,17 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "backend"))
 
+from src.devtools.mock_openai import FILLER_WORDS  # noqa: E402
 from src.devtools.servers import DEMO_API_KEY, ServerProcess, start_mock_upstream, start_service  # noqa: E402
+
+__all__ = ["DEMO_API_KEY", "FILLER_WORDS"]
 
 RESULTS_DIR = ROOT / "bench" / "results"
 CHAT_PATH = "/api/v1/llm/chat"
 UPSTREAM_CHAT_PATH = "/v1/chat/completions"
 PROMPT = [{"role": "user", "content": "Benchmark me"}]
+# The service runs with auth on (SERVICE_API_KEYS), like a production deployment: no feature is off.
+SERVICE_KEY = "bench-service-key"
 
 
 def words_model(words: int) -> str:
@@ -95,7 +100,7 @@ class Stack(ExitStack):
         assert self.upstream is not None
         log: IO[bytes] = self.enter_context(open(self.log_dir / f"service-{workers}w.log", "wb"))  # noqa: SIM115
         # Everything of the v1 contract stays on: JSON logs at INFO (to a file), request ids, error mapping.
-        service_env = {"LOG_FORMAT": "json", "LOG_LEVEL": "INFO", **(env or {})}
+        service_env = {"LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "SERVICE_API_KEYS": SERVICE_KEY, **(env or {})}
         service = start_service(upstream_url=self.upstream.url, workers=workers, env=service_env, output=log)
         self.callback(service.stop)
         return service
@@ -113,7 +118,9 @@ def upstream_target(upstream: ServerProcess) -> Target:
 
 
 def service_target(name: str, service: ServerProcess) -> Target:
-    return Target(name, service.url, CHAT_PATH, {}, service.process.pid, service_body)
+    return Target(
+        name, service.url, CHAT_PATH, {"Authorization": f"Bearer {SERVICE_KEY}"}, service.process.pid, service_body
+    )
 
 
 def environment_summary() -> dict[str, Any]:

@@ -139,7 +139,7 @@ def measure(target: Target, *, seconds: float, words: int, ttft_requests: int, d
 
 
 def added(row: dict[str, Any], direct: dict[str, Any], key: str) -> float:
-    return round(row[key]["p50_ms"] - direct[key]["p50_ms"], 3)
+    return round(float(row[key]["p50_ms"]) - float(direct[key]["p50_ms"]), 3)
 
 
 def render_table(results: list[dict[str, Any]]) -> str:

@@ -38,6 +38,8 @@ HANG_LIMIT_SECONDS = 600.0
 BREAK_AFTER_CHUNKS = 3
 CONTEXT_WINDOW = 128_000
 FILLER_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett")
+# OpenAI's edge sets cookies on API responses; a stateless client must never send them back.
+_COOKIE_HEADER = [(b"set-cookie", b"__cf_bm=mock-affinity; path=/; HttpOnly")]
 _WORDS_MODEL = re.compile(r"mock-words-(\d{1,6})")
 
 # Model name -> injected fault. Anything else answers normally.
@@ -217,7 +219,13 @@ class MockOpenAI:
         self.stream_delay = stream_delay_ms / 1000
         self._ids = itertools.count(1)
         # Counters for tests and benchmarks (GET /_mock/stats): did the service close streams it abandoned?
-        self.stats = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_client_closed": 0}
+        self.stats = {
+            "requests": 0,
+            "streams_started": 0,
+            "streams_completed": 0,
+            "streams_client_closed": 0,
+            "requests_with_cookies": 0,
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -236,6 +244,8 @@ class MockOpenAI:
                 await self._json(send, 200, self.stats, request_id)
                 return
             self.stats["requests"] += 1
+            if any(name == b"cookie" for name, _ in scope["headers"]):
+                self.stats["requests_with_cookies"] += 1
             if scope["path"] != CHAT_PATH:
                 raise UpstreamError(
                     404, f"Invalid URL ({scope['method']} {scope['path']})", type_="invalid_request_error"
@@ -332,6 +342,9 @@ class MockOpenAI:
             payload = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
             return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
+        # Content chunks are the hot path of benchmarks: encode the frame once, then only each word.
+        content_head, content_tail = chunk({"content": "\x00"}).split(b'"\\u0000"')
+
         await send(
             {
                 "type": "http.response.start",
@@ -340,6 +353,7 @@ class MockOpenAI:
                     (b"content-type", b"text/event-stream; charset=utf-8"),
                     (b"x-request-id", request_id.encode()),
                     (b"cache-control", b"no-cache"),
+                    *_COOKIE_HEADER,
                 ],
             }
         )
@@ -347,7 +361,8 @@ class MockOpenAI:
         async def emit(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
-        # Servers below ASGI spec 2.4 drop sends to a closed connection silently: watch for the disconnect.
+        # Servers below ASGI spec 2.4 drop sends to a closed connection silently: watch for the disconnect. An
+        # answer sent without pauses is over before a disconnect could matter, so it needs no watcher.
         client_closed = asyncio.Event()
 
         async def watch_for_disconnect() -> None:
@@ -356,7 +371,8 @@ class MockOpenAI:
             client_closed.set()
 
         self.stats["streams_started"] += 1
-        watcher = asyncio.create_task(watch_for_disconnect())
+        watched = bool(self.stream_delay) or model == "mock-stream-stall"
+        watcher = asyncio.create_task(watch_for_disconnect()) if watched else None
         try:
             await emit(chunk({"role": "assistant", "content": "", "refusal": None}))
             for index, piece in enumerate(_pieces(words)):
@@ -370,7 +386,7 @@ class MockOpenAI:
                 if client_closed.is_set():
                     self.stats["streams_client_closed"] += 1
                     return
-                await emit(chunk({"content": piece}))
+                await emit(content_head + json.dumps(piece).encode() + content_tail)
             await emit(chunk({}, finish_reason))
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = {
@@ -386,7 +402,8 @@ class MockOpenAI:
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
             self.stats["streams_completed"] += 1
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
     @staticmethod
     async def _json(
@@ -399,6 +416,7 @@ class MockOpenAI:
             (b"x-request-id", request_id.encode()),
         ]
         raw_headers += [(name.encode(), value.encode()) for name, value in (headers or {}).items()]
+        raw_headers += _COOKIE_HEADER
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": content, "more_body": False})
 

@@ -227,3 +227,10 @@ def test_service_log_is_json_lines_without_secrets(stack: Stack) -> None:
     text = "\n".join(lines)
     assert "sk-e2e-SECRET" not in text
     assert "private words here" not in text
+
+
+def test_upstream_cookies_are_never_replayed(stack: Stack) -> None:
+    """The bundled upstream sets a cookie on every answer, as OpenAI's edge does; one client serves all callers."""
+    for _ in range(3):
+        assert _post(stack, chat_body()).status_code == 200
+    assert _mock_stats(stack)["requests_with_cookies"] == 0

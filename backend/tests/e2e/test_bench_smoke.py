@@ -1,0 +1,58 @@
+"""The benchmark's own code, with tiny durations, so that it cannot rot. Nothing here asserts on speed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from bench import compare, run, soak
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (`make bench` installs it)")
+def test_bench_runs_and_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    latest = tmp_path / "latest.json"
+    assert run.main(["--seconds", "1", "--ttft-requests", "3", "--workers", "1", "--output", str(latest)]) == 0
+    report = json.loads(latest.read_text())
+    assert [row["target"] for row in report["results"]] == ["direct to upstream", "through the service"]
+    for row in report["results"]:
+        for key in ("batch_c1", "batch_c32", "stream_c1", "stream_c32"):
+            assert row[key]["requests"] > 0
+            assert row[key]["errors"] == 0
+        assert row["ttft_ms"] > 0
+    assert {check["check"] for check in report["checks"]} >= {"batch rps, c32", "idle RSS MiB (1 worker)"}
+    table = capsys.readouterr().out
+    assert "| through the service | stream |" in table
+
+    shutil.copy(latest, tmp_path / "previous.json")
+    assert compare.main(["--previous", str(tmp_path / "previous.json"), "--latest", str(latest)]) == 0
+    assert "| through the service | batch_c32 | rps |" in capsys.readouterr().out
+
+
+def test_parse_wrk_reads_rates_latencies_and_errors() -> None:
+    output = """Running 1s test @ http://127.0.0.1:1/x
+  Latency Distribution
+     50%  812.00us
+     75%    1.10ms
+     90%    1.50ms
+     99%    2.01s
+  1000 requests in 1.00s, 1.00MB read
+  Socket errors: connect 0, read 1, write 0, timeout 2
+  Non-2xx or 3xx responses: 3
+Requests/sec:   1000.50
+"""
+    assert run.parse_wrk(output) == {"rps": 1000.5, "p50_ms": 0.812, "p99_ms": 2010.0, "requests": 1000, "errors": 6}
+
+
+def test_soak_runs_streams_and_refuses_over_the_limit(tmp_path: Path) -> None:
+    output = tmp_path / "soak.json"
+    assert (
+        soak.main(["--streams", "20", "--words", "3", "--delay-ms", "600", "--extra", "1", "--output", str(output)])
+        == 0
+    )
+    report = json.loads(output.read_text())
+    assert report["completed_correctly"] == 20
+    assert report["over_limit"][0]["code"] == "upstream_unavailable"
