@@ -26,7 +26,7 @@ demo: install ## Run the service on the bundled OFFLINE demo upstream (no OpenAI
 	cd backend && ../$(BIN)/python -m src.devtools.demo --host $(HOST) --port $(PORT)
 
 run: install ## Run the service against the real upstream configured in .env (OPENAI_API_KEY, ...)
-	$(BIN)/python -m uvicorn src.main:app --app-dir backend --host $(HOST) --port $(PORT) --no-access-log
+	$(BIN)/python -m uvicorn src.main:app --app-dir backend --host $(HOST) --port $(PORT) --no-access-log --ws none
 
 test: install ## Install what is missing and run the whole test suite (unit, integration, end-to-end)
 	$(BIN)/python -m pytest

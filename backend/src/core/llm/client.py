@@ -19,16 +19,6 @@ from src.core.config import Settings
 MAX_CONNECT_TIMEOUT_SECONDS = 10.0
 
 
-def _aiohttp_session(limits: httpx.Limits) -> aiohttp.ClientSession:
-    """The transport's aiohttp session; like httpx-aiohttp's own, but with no cookie jar (see UpstreamHttpClient)."""
-    connector = aiohttp.TCPConnector(
-        limit=limits.max_connections or 0,
-        keepalive_timeout=limits.keepalive_expiry,
-        ssl=httpx.create_ssl_context(),
-    )
-    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
-
-
 class UpstreamTransport(AiohttpTransport):
     """aiohttp under httpx, with connection failures reported as what they are.
 
@@ -36,6 +26,15 @@ class UpstreamTransport(AiohttpTransport):
     which would turn "upstream unreachable" (503) into "upstream timeout" (504). Real timeouts from aiohttp are
     `TimeoutError`s; everything else becomes `httpx.ConnectError`.
     """
+
+    def get_client(self) -> aiohttp.ClientSession:
+        """The aiohttp session, like httpx-aiohttp's own (its TLS context and pool size) but with no cookie jar."""
+        connector = aiohttp.TCPConnector(
+            limit=self.limits.max_connections or 0,
+            keepalive_timeout=self.limits.keepalive_expiry,
+            ssl=self.ssl_context,
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
@@ -54,7 +53,7 @@ class _NoCookies(httpx.Cookies):
 
 
 class UpstreamHttpClient(DefaultAioHttpClient):
-    """The SDK's aiohttp-backed client, without a cookie jar.
+    """The SDK's aiohttp-backed client, without a cookie jar (nor has its transport's aiohttp session one).
 
     One client serves every caller of the service, so cookies an upstream sets (load-balancer affinity, bot
     checks) must not be replayed on other callers' requests; and httpx parses each response into its jar through
@@ -99,7 +98,7 @@ def build_openai_client(settings: Settings, *, http_client: httpx.AsyncClient | 
     timeout = upstream_timeout(settings)
     if http_client is None:
         limits = upstream_limits(settings)
-        transport = UpstreamTransport(limits=limits, client=lambda: _aiohttp_session(limits))
+        transport = UpstreamTransport(limits=limits)
         http_client = UpstreamHttpClient(timeout=timeout, limits=limits, transport=transport)
     return AsyncOpenAI(
         api_key=settings.openai_api_key.get_secret_value(),
