@@ -809,3 +809,35 @@ async def test_auth_is_checked_before_validation(app_client: Callable[..., Any])
         authorised = await client.post(CHAT, json={}, headers={"Authorization": f"Bearer {SERVICE_KEY}"})
     assert anonymous.status_code == 401
     assert authorised.status_code == 422
+
+
+async def test_stream_is_never_retried_once_it_has_started(
+    app_client: Callable[..., Any], upstream: respx.MockRouter
+) -> None:
+    partial = sse_chunks(["one"], usage=False, done=False).split(b"\n\n")[:2]
+    route = upstream.post("/chat/completions").mock(
+        side_effect=lambda request: httpx.Response(
+            200,
+            stream=_BreakingStream([part + b"\n\n" for part in partial], httpx.ReadError("reset")),
+            headers={"content-type": "text/event-stream"},
+        )
+    )
+    async with app_client(make_settings(llm_max_retries=2)) as (client, _, _):
+        response = await client.post(CHAT, json=chat_body(stream=True))
+    assert [event for event, _ in parse_sse(response.text)] == ["delta", "error"]
+    assert route.call_count == 1
+
+
+async def test_stream_open_failure_is_retried_before_the_first_byte(
+    app_client: Callable[..., Any], upstream: respx.MockRouter
+) -> None:
+    route = upstream.post("/chat/completions")
+    route.side_effect = [
+        httpx.Response(503, json=_openai_error("busy", type_="server_error"), headers={"retry-after-ms": "10"}),
+        httpx.Response(200, content=sse_chunks(["ok"]), headers={"content-type": "text/event-stream"}),
+    ]
+    async with app_client(make_settings(llm_max_retries=1)) as (client, _, _):
+        response = await client.post(CHAT, json=chat_body(stream=True))
+    assert response.status_code == 200
+    assert parse_sse(response.text)[0] == ("delta", {"content": "ok"})
+    assert route.call_count == 2
