@@ -208,6 +208,22 @@ def _plan(body: dict[str, Any]) -> tuple[list[str], str]:
     return words, finish_reason
 
 
+def _identity(kind: str, model: str, request_id: str) -> dict[str, Any]:
+    """The fields every completion and chunk of one answer share."""
+    return {
+        "id": f"chatcmpl-mock{request_id[-8:]}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "fp_mock",
+    }
+
+
+def _usage(body: dict[str, Any], words: list[str]) -> dict[str, int]:
+    prompt_tokens = _prompt_tokens(body)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": len(words), "total_tokens": prompt_tokens + len(words)}
+
+
 def _pieces(words: list[str]) -> list[str]:
     return [word if index == 0 else f" {word}" for index, word in enumerate(words)]
 
@@ -303,12 +319,8 @@ class MockOpenAI:
 
     async def _complete(self, body: dict[str, Any], send: Send, request_id: str) -> None:
         words, finish_reason = _plan(body)
-        prompt_tokens = _prompt_tokens(body)
         answer = {
-            "id": f"chatcmpl-mock{request_id[-8:]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body["model"],
+            **_identity("chat.completion", body["model"], request_id),
             "choices": [
                 {
                     "index": 0,
@@ -317,26 +329,14 @@ class MockOpenAI:
                     "finish_reason": finish_reason,
                 }
             ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(words),
-                "total_tokens": prompt_tokens + len(words),
-            },
-            "system_fingerprint": "fp_mock",
+            "usage": _usage(body, words),
         }
         await self._json(send, 200, answer, request_id)
 
     async def _stream(self, body: dict[str, Any], receive: Receive, send: Send, request_id: str) -> None:
         model = body["model"]
         words, finish_reason = _plan(body)
-        prompt_tokens = _prompt_tokens(body)
-        base = {
-            "id": f"chatcmpl-mock{request_id[-8:]}",
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": model,
-            "system_fingerprint": "fp_mock",
-        }
+        base = _identity("chat.completion.chunk", model, request_id)
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             payload = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
@@ -389,16 +389,8 @@ class MockOpenAI:
                 await emit(content_head + json.dumps(piece).encode() + content_tail)
             await emit(chunk({}, finish_reason))
             if (body.get("stream_options") or {}).get("include_usage"):
-                usage = {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": len(words),
-                    "total_tokens": prompt_tokens + len(words),
-                }
-                await emit(
-                    b"data: "
-                    + json.dumps({**base, "choices": [], "usage": usage}, separators=(",", ":")).encode()
-                    + b"\n\n"
-                )
+                usage_chunk = {**base, "choices": [], "usage": _usage(body, words)}
+                await emit(b"data: " + json.dumps(usage_chunk, separators=(",", ":")).encode() + b"\n\n")
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
             self.stats["streams_completed"] += 1
         finally:
