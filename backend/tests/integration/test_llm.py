@@ -841,3 +841,44 @@ async def test_stream_open_failure_is_retried_before_the_first_byte(
     assert response.status_code == 200
     assert parse_sse(response.text)[0] == ("delta", {"content": "ok"})
     assert route.call_count == 2
+
+
+@pytest.mark.parametrize(
+    "bad_chunk",
+    [b"data: [1, 2]\n\n", b'data: {"choices": ["x"]}\n\n', b"data: {oops\n\n"],
+    ids=["not_an_object", "choice_not_an_object", "not_json"],
+)
+async def test_stream_malformed_chunk_ends_with_upstream_error_event(
+    client: httpx.AsyncClient, upstream: respx.MockRouter, bad_chunk: bytes
+) -> None:
+    raw = sse_chunks(["one"], usage=False, done=False).rsplit(b"data:", 1)[0] + bad_chunk
+    upstream.post("/chat/completions").respond(200, content=raw, headers={"content-type": "text/event-stream"})
+    response = await client.post(CHAT, json=chat_body(stream=True))
+    events = parse_sse(response.text)
+    assert events[0] == ("delta", {"content": "one"})
+    assert events[-1][0] == "error"
+    assert events[-1][1]["code"] == "upstream_error"
+
+
+async def test_stream_unexpected_failure_mid_stream_is_internal_error_event(
+    client: httpx.AsyncClient, upstream: respx.MockRouter, read_logs: Logs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from src.core.llm import service as service_module
+
+    def explode(event: str, payload: dict[str, Any]) -> bytes:
+        if event == "done":
+            raise RuntimeError("encoder bug")
+        return original(event, payload)
+
+    original = service_module.encode_sse
+    monkeypatch.setattr(service_module, "encode_sse", explode)
+    upstream.post("/chat/completions").respond(
+        200, content=sse_chunks(["a"]), headers={"content-type": "text/event-stream"}
+    )
+    response = await client.post(CHAT, json=chat_body(stream=True))
+    events = parse_sse(response.text)
+    assert [event for event, _ in events] == ["delta", "error"]
+    assert events[-1][1]["code"] == "internal_error"
+    assert "encoder bug" not in response.text
+    logs = read_logs()
+    assert "RuntimeError: encoder bug" in _events(logs, "stream_relay_failed")[0]["exception"]

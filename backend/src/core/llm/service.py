@@ -32,7 +32,6 @@ _SECRET_PATTERN = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*.]{3,}")
 AUTH_ERROR_MESSAGE = "The service could not authenticate with the LLM provider; an operator must check its API key."
 NOT_CONFIGURED_MESSAGE = "No LLM provider is configured: set OPENAI_API_KEY on the service."
 _DONE_SENTINEL = "[DONE]"
-_RETRY_AFTER_HEADERS = ("retry-after",)
 _STREAM_OPTIONS = {"include_usage": True}
 CHAT_COMPLETIONS_PATH = "/chat/completions"
 
@@ -217,17 +216,25 @@ class ChatStream:
                         chunk = json.loads(data)
                     except ValueError as exc:
                         raise _malformed("stream chunk") from exc
-                    if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
-                        error = chunk.get("error") if isinstance(chunk, dict) else None
+                    if not isinstance(chunk, dict):
+                        raise _malformed("stream chunk")
+                    if event == "error" or chunk.get("error"):
+                        error = chunk.get("error")
                         message = error.get("message") if isinstance(error, dict) else None
                         raise openai.APIError(str(message or "stream failed"), self._response.request, body=error)
                     upstream_id = upstream_id or chunk.get("id")
                     upstream_model = upstream_model or chunk.get("model")
                     if chunk.get("usage"):
                         usage = chunk["usage"]
-                    for choice in chunk.get("choices") or ():
-                        content = (choice.get("delta") or {}).get("content")
-                        if content:
+                    choices = chunk.get("choices") or []
+                    if not isinstance(choices, list):
+                        raise _malformed("stream chunk")
+                    for choice in choices:
+                        if not isinstance(choice, dict):
+                            raise _malformed("stream chunk")
+                        delta = choice.get("delta")
+                        content = delta.get("content") if isinstance(delta, dict) else None
+                        if content and isinstance(content, str):
                             if delivered_chunks == 0:
                                 fields["ttft_ms"] = _elapsed_ms(record.started)
                             delivered_chunks += 1
@@ -259,6 +266,18 @@ class ChatStream:
             fields["code"] = exc.code
             fields["finish_reason"] = finish_reason
             yield encode_sse("error", {"code": exc.code, "message": exc.message, "request_id": record.request_id})
+        except Exception:
+            # The response has started: the middleware can no longer answer 500, so the stream says it.
+            self._service.log_unexpected("stream_relay_failed")
+            fields["code"] = ErrorCode.INTERNAL_ERROR
+            yield encode_sse(
+                "error",
+                {
+                    "code": ErrorCode.INTERNAL_ERROR,
+                    "message": "The service failed unexpectedly.",
+                    "request_id": record.request_id,
+                },
+            )
         finally:
             fields["delivered_chunks"] = delivered_chunks
             fields["delivered_chars"] = delivered_chars
@@ -383,6 +402,10 @@ class LLMService:
 
     def release_slot(self) -> None:
         self._slots.release()
+
+    def log_unexpected(self, event: str) -> None:
+        """Log the exception being handled, with its traceback."""
+        self._log.exception(event)
 
     def log_call(self, record: _CallRecord) -> None:
         fields = record.fields
