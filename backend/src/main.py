@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from src.api import health
-from src.api.middleware import REQUEST_ID_HEADER, RequestContextMiddleware
+from src.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
 from src.api.v1.router import api_router
 from src.core.config import Settings, get_settings
 from src.core.errors import register_error_handlers
@@ -66,9 +66,9 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
     register_error_handlers(app)
     app.include_router(health.router)
     app.include_router(api_router)
-    app.add_middleware(RequestContextMiddleware, max_request_bytes=settings.max_request_bytes)
+    # add_middleware wraps what is there: the last added is the outermost (see api/middleware.py for the order).
+    app.add_middleware(BodyLimitMiddleware, max_request_bytes=settings.max_request_bytes)
     if settings.cors_allow_origins:
-        # Outermost, so that browsers can also read the errors written by the request middleware (413, 500).
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_allow_origins,
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
             expose_headers=[REQUEST_ID_HEADER.decode()],
             max_age=600,
         )
+    app.add_middleware(RequestContextMiddleware)
     return app
 
 

@@ -1,4 +1,9 @@
-"""Pure ASGI middleware: request ids, the body-size cap, the canonical request log line, last-resort errors."""
+"""Pure ASGI middleware: request ids, the canonical request log line, last-resort errors; the body-size cap.
+
+Pure ASGI rather than `BaseHTTPMiddleware`, which breaks contextvars and buffers streams. Order, outermost first:
+`RequestContextMiddleware` (so every response, CORS preflights included, has an id and a log line), then CORS
+(when configured), then `BodyLimitMiddleware` (so browsers can read its 413).
+"""
 
 from __future__ import annotations
 
@@ -21,15 +26,12 @@ class RequestContextMiddleware:
 
     - Picks the request id (the caller's `X-Request-ID` when sane, else a new one), binds it to the log context,
       stores it in `request.state.request_id` and echoes it on the response.
-    - Caps the body at `max_request_bytes`, by `Content-Length` and by counting chunked uploads, with a 413.
     - Logs one line per request: method, path, status, duration.
-    - Turns an exception nobody handled into a 500 `internal_error` envelope (logged with its traceback);
-      pure ASGI rather than `BaseHTTPMiddleware`, which breaks contextvars and buffers streams.
+    - Turns an exception nobody handled into a 500 `internal_error` envelope (logged with its traceback).
     """
 
-    def __init__(self, app: ASGIApp, *, max_request_bytes: int) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.max_request_bytes = max_request_bytes
         self._log = structlog.get_logger("http").bind()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -54,21 +56,12 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            body_receive = await self._bounded_body(scope, receive)
-            if body_receive is None:
-                too_large = ServiceError(
-                    ErrorCode.PAYLOAD_TOO_LARGE,
-                    f"The request body exceeds {self.max_request_bytes} bytes.",
-                    status_code=413,
-                )
-                await self._send_error(send_with_request_id, too_large, request_id)
-                return
-            await self.app(scope, body_receive, send_with_request_id)
+            await self.app(scope, receive, send_with_request_id)
         except Exception:
             self._log.exception("unhandled_error", method=scope["method"], path=scope["path"])
             if not response_started:
                 internal = ServiceError(ErrorCode.INTERNAL_ERROR, "The service failed unexpectedly.", status_code=500)
-                await self._send_error(send_with_request_id, internal, request_id)
+                await send_error(send_with_request_id, internal, request_id)
         finally:
             self._log.info(
                 "request",
@@ -87,6 +80,29 @@ class RequestContextMiddleware:
                 break
         # 128 random bits as 32 hex characters, like uuid4().hex without building a UUID object per request.
         return secrets.token_hex(16)
+
+
+class BodyLimitMiddleware:
+    """Caps request bodies at `max_request_bytes`, by `Content-Length` and by counting chunked uploads (413)."""
+
+    def __init__(self, app: ASGIApp, *, max_request_bytes: int) -> None:
+        self.app = app
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_receive = await self._bounded_body(scope, receive)
+        if body_receive is None:
+            too_large = ServiceError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"The request body exceeds {self.max_request_bytes} bytes.",
+                status_code=413,
+            )
+            await send_error(send, too_large, scope.get("state", {}).get("request_id"))
+            return
+        await self.app(scope, body_receive, send)
 
     async def _bounded_body(self, scope: Scope, receive: Receive) -> Receive | None:
         """Read the body up to the cap and replay it; None when it is too large.
@@ -144,12 +160,13 @@ class RequestContextMiddleware:
 
         return replay_body
 
-    @staticmethod
-    async def _send_error(send: Send, error: ServiceError, request_id: str) -> None:
-        body = error_body(error.code, error.message, request_id)
-        headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-        if error.status_code == 413:
-            # The rest of an oversized upload is not read: the connection cannot be reused.
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+async def send_error(send: Send, error: ServiceError, request_id: str | None) -> None:
+    """Write the error envelope as a complete response (for errors raised outside the framework's handlers)."""
+    body = error_body(error.code, error.message, request_id)
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    if error.status_code == 413:
+        # The rest of an oversized upload is not read: the connection cannot be reused.
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

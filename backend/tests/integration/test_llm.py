@@ -790,6 +790,7 @@ async def test_cors_preflight_and_exposed_request_id(
         )
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == origin
+    assert preflight.headers["x-request-id"]
     assert streamed.headers["access-control-allow-origin"] == origin
     assert "x-request-id" in streamed.headers["access-control-expose-headers"].lower()
     assert "access-control-allow-origin" not in foreign.headers
@@ -882,3 +883,12 @@ async def test_stream_unexpected_failure_mid_stream_is_internal_error_event(
     assert "encoder bug" not in response.text
     logs = read_logs()
     assert "RuntimeError: encoder bug" in _events(logs, "stream_relay_failed")[0]["exception"]
+
+
+async def test_cors_lets_browsers_read_the_413(app_client: Callable[..., Any]) -> None:
+    origin = "https://app.example"
+    async with app_client(make_settings(cors_allow_origins=origin, max_request_bytes=100)) as (client, _, _):
+        response = await client.post(CHAT, json=chat_body("x" * 200), headers={"Origin": origin})
+    assert response.status_code == 413
+    assert response.headers["access-control-allow-origin"] == origin
+    assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
