@@ -43,7 +43,8 @@ async def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """Open when SERVICE_API_KEYS is empty; otherwise the bearer must match one key (constant-time compare)."""
-    settings: Settings = request.app.state.settings
+    # Called, not declared as a dependency: one dependency solve less on every chat request.
+    settings = await get_settings_of_app(request)
     if not settings.service_api_keys:
         return
     given = credentials.credentials.encode() if credentials is not None else b""
