@@ -23,10 +23,10 @@ $(STAMP): requirements.lock
 	touch $(STAMP)
 
 demo: install ## Run the service on the bundled OFFLINE demo upstream (no OpenAI key needed); HOST/PORT honoured
-	cd backend && ../$(BIN)/python -m src.devtools.demo --host $(HOST) --port $(PORT)
+	@cd backend && ../$(BIN)/python -m src.devtools.demo --host $(HOST) --port $(PORT)
 
 run: install ## Run the service against the real upstream configured in .env (OPENAI_API_KEY, ...)
-	$(BIN)/python -m uvicorn src.main:app --app-dir backend --host $(HOST) --port $(PORT) --no-access-log --ws none
+	@$(BIN)/python -m uvicorn src.main:app --app-dir backend --host $(HOST) --port $(PORT) --no-access-log --ws none
 
 test: install ## Install what is missing and run the whole test suite (unit, integration, end-to-end)
 	$(BIN)/python -m pytest
