@@ -15,7 +15,6 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -104,13 +103,13 @@ async def _validation_error_handler(request: Request, exc: Exception) -> Respons
         }
         for error in exc.errors()
     ]
-    # jsonable_encoder: pydantic puts non-JSON values (exceptions, bytes) into `ctx`; we keep only plain fields.
+    # Only plain fields: pydantic's `ctx` and `input` can hold non-JSON values, and `input` may echo secrets.
     fields = ", ".join(sorted({detail["field"] for detail in details})) or "body"
     error = ServiceError(
         ErrorCode.VALIDATION_ERROR,
         f"Request validation failed: {fields}",
         status_code=422,
-        details=jsonable_encoder(details),
+        details=details,
     )
     return error_response(error, request_id_of(request))
 
