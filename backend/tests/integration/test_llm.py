@@ -433,17 +433,25 @@ async def test_retry_after_ms_is_converted_to_seconds(client: httpx.AsyncClient,
     assert response.headers["retry-after"] == "2"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["batch", "stream_before_first_byte"])
 async def test_sdk_retries_transient_upstream_failures(
-    app_client: Callable[..., Any], upstream: respx.MockRouter
+    app_client: Callable[..., Any], upstream: respx.MockRouter, stream: bool
 ) -> None:
+    answer = (
+        httpx.Response(200, content=sse_chunks(["ok"]), headers={"content-type": "text/event-stream"})
+        if stream
+        else httpx.Response(200, json=completion())
+    )
     route = upstream.post("/chat/completions")
     route.side_effect = [
-        httpx.Response(500, json=_openai_error("boom", type_="server_error"), headers={"retry-after-ms": "10"}),
-        httpx.Response(200, json=completion()),
+        httpx.Response(503, json=_openai_error("busy", type_="server_error"), headers={"retry-after-ms": "10"}),
+        answer,
     ]
     async with app_client(make_settings(llm_max_retries=1)) as (client, _, _):
-        response = await client.post(CHAT, json=chat_body())
+        response = await client.post(CHAT, json=chat_body(stream=stream))
     assert response.status_code == 200
+    if stream:
+        assert parse_sse(response.text)[0] == ("delta", {"content": "ok"})
     assert route.call_count == 2
 
 
@@ -827,21 +835,6 @@ async def test_stream_is_never_retried_once_it_has_started(
         response = await client.post(CHAT, json=chat_body(stream=True))
     assert [event for event, _ in parse_sse(response.text)] == ["delta", "error"]
     assert route.call_count == 1
-
-
-async def test_stream_open_failure_is_retried_before_the_first_byte(
-    app_client: Callable[..., Any], upstream: respx.MockRouter
-) -> None:
-    route = upstream.post("/chat/completions")
-    route.side_effect = [
-        httpx.Response(503, json=_openai_error("busy", type_="server_error"), headers={"retry-after-ms": "10"}),
-        httpx.Response(200, content=sse_chunks(["ok"]), headers={"content-type": "text/event-stream"}),
-    ]
-    async with app_client(make_settings(llm_max_retries=1)) as (client, _, _):
-        response = await client.post(CHAT, json=chat_body(stream=True))
-    assert response.status_code == 200
-    assert parse_sse(response.text)[0] == ("delta", {"content": "ok"})
-    assert route.call_count == 2
 
 
 @pytest.mark.parametrize(
