@@ -354,20 +354,18 @@ class LLMService:
     async def open_stream(self, request: LLMRequest, *, request_id: str) -> ChatStream:
         """Open the upstream stream now, so that failures before the first byte are plain HTTP errors."""
         client, record, kwargs = self._begin(request, request_id=request_id, stream=True)
+        body = {**kwargs, "stream": True, "stream_options": _STREAM_OPTIONS}
+        holds_slot = False
         try:
             await self._acquire_slot()
-        except ServiceError as exc:
-            record.fields["code"] = exc.code
-            self.log_call(record)
-            raise
-        body = {**kwargs, "stream": True, "stream_options": _STREAM_OPTIONS}
-        try:
+            holds_slot = True
             with translate_upstream_errors():
                 response = await client.post(
                     CHAT_COMPLETIONS_PATH, cast_to=httpx.Response, body=body, stream=True, stream_cls=None
                 )
         except ServiceError as exc:
-            self.release_slot()
+            if holds_slot:
+                self.release_slot()
             record.fields["code"] = exc.code
             self.log_call(record)
             raise
