@@ -129,6 +129,17 @@ async def test_malformed_upstream_answer_is_upstream_error(
     assert response.json()["error"]["code"] == "upstream_error"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["batch", "stream"])
+async def test_upstream_redirect_is_not_followed_but_upstream_error(
+    client: httpx.AsyncClient, upstream: respx.MockRouter, stream: bool
+) -> None:
+    upstream.post("/chat/completions").respond(307, headers={"location": "https://elsewhere.test/steal"})
+    response = await client.post(CHAT, json=chat_body(stream=stream))
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert "HTTP 307" in response.json()["error"]["message"]
+
+
 # --- validation ----------------------------------------------------------------------------------------------------
 
 INVALID_BODIES = {

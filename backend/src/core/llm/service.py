@@ -21,10 +21,10 @@ import anyio
 import httpx
 import openai
 import structlog
-from openai import AsyncOpenAI
 
 from src.core.config import Settings
 from src.core.errors import ErrorCode, LLMServiceError, ServiceError
+from src.core.llm.client import UpstreamOpenAI
 from src.models.llm import AssistantMessage, LLMRequest, LLMResponse, Usage
 
 # Upstream texts can quote the key we sent ("Incorrect API key provided: sk-abc***xyz"); never pass that on.
@@ -108,6 +108,17 @@ def _pool_exhausted() -> LLMServiceError:
         "All upstream connections are busy (LLM_MAX_CONNECTIONS); retry shortly.",
         status_code=503,
         headers={"Retry-After": "1"},
+    )
+
+
+def _not_an_answer(response: httpx.Response) -> LLMServiceError | None:
+    """Statuses the SDK lets through (it raises on 4xx and 5xx): a redirect is not followed, nor anything else."""
+    if response.is_success:
+        return None
+    return LLMServiceError(
+        ErrorCode.UPSTREAM_ERROR,
+        f"The LLM provider answered HTTP {response.status_code} instead of a completion.",
+        status_code=502,
     )
 
 
@@ -312,7 +323,7 @@ def _usage_of(usage: Any) -> dict[str, int] | None:
 class LLMService:
     """Chat in batch or stream mode over the shared client, with the model policy, concurrency cap and call logs."""
 
-    def __init__(self, *, client: AsyncOpenAI | None, settings: Settings) -> None:
+    def __init__(self, *, client: UpstreamOpenAI | None, settings: Settings) -> None:
         self._client = client
         self._default_model = settings.llm_default_model
         self._allowed_models = frozenset(settings.llm_allowed_models)
@@ -334,10 +345,12 @@ class LLMService:
             await self._acquire_slot()
             try:
                 with translate_upstream_errors():
-                    http_response = await client.post(CHAT_COMPLETIONS_PATH, cast_to=httpx.Response, body=kwargs)
+                    http_response = await client.post_json(CHAT_COMPLETIONS_PATH, kwargs)
             finally:
                 self.release_slot()
             record.fields["upstream_request_id"] = http_response.headers.get("x-request-id")
+            if failure := _not_an_answer(http_response):
+                raise failure
             answer = _batch_answer(http_response.content, request_id)
             if answer.usage is not None:
                 record.usage(answer.usage.model_dump())
@@ -360,9 +373,10 @@ class LLMService:
             await self._acquire_slot()
             holds_slot = True
             with translate_upstream_errors():
-                response = await client.post(
-                    CHAT_COMPLETIONS_PATH, cast_to=httpx.Response, body=body, stream=True, stream_cls=None
-                )
+                response = await client.post_json(CHAT_COMPLETIONS_PATH, body, stream=True)
+            if failure := _not_an_answer(response):
+                await response.aclose()
+                raise failure
         except ServiceError as exc:
             if holds_slot:
                 self.release_slot()
@@ -374,7 +388,7 @@ class LLMService:
 
     def _begin(
         self, request: LLMRequest, *, request_id: str, stream: bool
-    ) -> tuple[AsyncOpenAI, _CallRecord, dict[str, Any]]:
+    ) -> tuple[UpstreamOpenAI, _CallRecord, dict[str, Any]]:
         model = request.model or self._default_model
         if self._allowed_models and model not in self._allowed_models:
             raise LLMServiceError(

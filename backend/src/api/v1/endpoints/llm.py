@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
-from src.api.deps import LLMServiceDep, RequestIdDep, require_api_key
+from src.api.deps import LLMServiceDep, request_id_of, require_api_key
 from src.api.sse import EventStreamResponse
 from src.models.llm import ErrorEnvelope, LLMRequest, LLMResponse
 
@@ -54,7 +54,8 @@ router = APIRouter(prefix="/llm", tags=["llm"], dependencies=[Depends(require_ap
     summary="Chat completion, as one JSON answer or as a Server-Sent-Events stream",
     description=_STREAM_DESCRIPTION,
 )
-async def chat(body: LLMRequest, service: LLMServiceDep, request_id: RequestIdDep) -> LLMResponse | EventStreamResponse:
+async def chat(body: LLMRequest, service: LLMServiceDep, request: Request) -> LLMResponse | EventStreamResponse:
+    request_id = request_id_of(request)
     if body.stream:
         return EventStreamResponse(await service.open_stream(body, request_id=request_id))
     return await service.chat(body, request_id=request_id)
