@@ -5,14 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import respx
 
-from src.core.llm.client import UpstreamHttpClient, UpstreamOpenAI, UpstreamTransport, build_openai_client
+from src.core.llm.client import (
+    UpstreamHttpClient,
+    UpstreamOpenAI,
+    UpstreamTransport,
+    build_openai_client,
+    tls_verification,
+)
 from src.devtools.servers import free_port
 from tests.conftest import UPSTREAM, UPSTREAM_KEY, make_settings
 
@@ -140,7 +148,9 @@ async def test_body_cut_short_is_read_error_and_chunks_pass_as_they_arrive() -> 
 async def test_redirects_are_not_followed() -> None:
     async def redirects(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(1024)
-        writer.write(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://elsewhere.test/\r\nContent-Length: 0\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://elsewhere.test/\r\nContent-Length: 0\r\n\r\n"
+        )
         await writer.drain()
         writer.close()
 
@@ -154,6 +164,21 @@ async def test_unusual_requests_fall_back_to_httpx() -> None:
     request = client.build_request("GET", "http://upstream.test/models", params={"limit": 2})
     assert request.url == httpx.URL("http://upstream.test/models?limit=2")
     await client.aclose()
+
+
+def test_tls_uses_the_os_trust_store_or_else_certifi(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    with_store = ssl.DefaultVerifyPaths(str(bundle), None, "", "", "", "")  # type: ignore[arg-type]
+    monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: with_store)
+    assert tls_verification() is True
+
+    without_store = ssl.DefaultVerifyPaths(None, None, "", "", "", "")  # type: ignore[arg-type]
+    monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: without_store)
+    context = tls_verification()
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.cert_store_stats()["x509_ca"] > 0
 
 
 def test_upstream_client_keeps_no_cookies() -> None:

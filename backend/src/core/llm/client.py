@@ -16,6 +16,7 @@ intercepts, and the service code is the same either way.
 from __future__ import annotations
 
 import json
+import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, NamedTuple
@@ -31,6 +32,21 @@ from src.core.config import Settings
 # Connecting is quick or not at all; a long connect timeout only delays the 503 a caller gets.
 MAX_CONNECT_TIMEOUT_SECONDS = 10.0
 _HTTP_11 = {"http_version": b"HTTP/1.1"}
+
+
+def tls_verification() -> ssl.SSLContext | bool:
+    """Verified TLS: the OS trust store when it has one, else certifi's bundle (what httpx and the SDK use).
+
+    `True` is aiohttp's own verified context over the OS store (which honours SSL_CERT_FILE / SSL_CERT_DIR and
+    CAs an operator added), created once when aiohttp is imported; a second context with certifi's bundle
+    would cost ~0.8 MiB per process for the same verification.
+    """
+    paths = ssl.get_default_verify_paths()
+    has_file = bool(paths.cafile) and os.path.isfile(paths.cafile or "")
+    has_dir = bool(paths.capath) and os.path.isdir(paths.capath or "") and any(os.scandir(paths.capath or "."))
+    if has_file or has_dir:
+        return True
+    return httpx.create_ssl_context()
 
 
 class _AiohttpBody(httpx.AsyncByteStream):
@@ -65,8 +81,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, *, limits: httpx.Limits | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         self._limits = limits or httpx.Limits()
-        # httpx's TLS defaults (certifi's CA bundle), so the upstream is verified the same as with the SDK's client.
-        self._ssl_context = ssl_context or httpx.create_ssl_context()
+        self._tls: ssl.SSLContext | bool = ssl_context or tls_verification()
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
@@ -75,7 +90,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         connector = aiohttp.TCPConnector(
             limit=self._limits.max_connections or 0,
             keepalive_timeout=self._limits.keepalive_expiry,
-            ssl=self._ssl_context,
+            ssl=self._tls,
         )
         self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
         return self._session
