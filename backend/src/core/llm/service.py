@@ -1,9 +1,9 @@
 """`LLMService`: chat over the shared OpenAI client; the only module that knows OpenAI's types and errors.
 
-Batch calls and streams both go through the SDK (auth, retries, base URL, error classes) with its public raw
-request method, `client.post(path, cast_to=httpx.Response, ...)`: the SDK neither transforms the body against its
-TypedDicts nor builds a pydantic model per answer or stream chunk. Answers are read as JSON and stream chunks are
-parsed by the lean SSE decoder below; see specs/003-llm-service/plan.md for the measurements behind this.
+Batch calls and streams both go through `UpstreamOpenAI.post_json`: the SDK's own request (auth, base URL,
+headers), retry policy and error classes, without the SDK's per-call option models, body transformation against
+its TypedDicts, or the pydantic model it would build per answer and per stream chunk. Answers are read as JSON and
+stream chunks are parsed by the lean SSE decoder below; see specs/003-llm-service/plan.md for the measurements.
 """
 
 from __future__ import annotations
