@@ -257,6 +257,13 @@ class UpstreamOpenAI(AsyncOpenAI):
         super().__init__(**kwargs)
         self._templates: dict[str, _RequestTemplate] = {}
 
+    def prepare(self, path: str) -> None:
+        """Build the request template for `path` now (at startup) rather than on the first call.
+
+        The SDK's platform headers read OS files the first time; that belongs in startup, not in a caller's request.
+        """
+        self._template(path)
+
     def _template(self, path: str) -> _RequestTemplate:
         """The SDK's own request for `path`, built once: URL, headers and timeout (the body is per call)."""
         template = self._templates.get(path)

@@ -325,6 +325,8 @@ class LLMService:
 
     def __init__(self, *, client: UpstreamOpenAI | None, settings: Settings) -> None:
         self._client = client
+        if client is not None:
+            client.prepare(CHAT_COMPLETIONS_PATH)
         self._default_model = settings.llm_default_model
         self._allowed_models = frozenset(settings.llm_allowed_models)
         self.log_prompts = settings.log_prompts
