@@ -159,13 +159,6 @@ async def test_redirects_are_not_followed() -> None:
     assert response.status_code == 307
 
 
-async def test_unusual_requests_fall_back_to_httpx() -> None:
-    client = UpstreamHttpClient()
-    request = client.build_request("GET", "http://upstream.test/models", params={"limit": 2})
-    assert request.url == httpx.URL("http://upstream.test/models?limit=2")
-    await client.aclose()
-
-
 def test_tls_uses_the_os_trust_store_or_else_certifi(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     bundle = tmp_path / "ca.pem"
     bundle.write_text("")

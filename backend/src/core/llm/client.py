@@ -1,14 +1,10 @@
 """Builds the one `AsyncOpenAI` client of the process: base URL, timeouts, retries and connection pool.
 
-The SDK keeps its whole request pipeline (auth headers, retries with backoff, error classes, base URL); underneath
-it, production uses a lean httpx client of our own over aiohttp:
-
-- aiohttp, not httpx's own pool: under concurrency httpx 0.28's pool scans every idle connection per request
-  (encode/httpx#3215), which cost a third of the service's throughput.
-- `UpstreamHttpClient` does only what the SDK asks of an `httpx.AsyncClient` on its hot path (build a request for
-  an absolute URL, send it): no cookie jar, no auth flow, no redirect walk, no default-header merge. These were
-  ~90 µs of every call; everything unusual falls back to httpx's own code.
-- `UpstreamOpenAI` remembers the URL of each API path instead of re-parsing it on every call (~70 µs).
+- `UpstreamOpenAI.post_json` is the service's call: the SDK's own request (URL, auth and telemetry headers,
+  timeout), built once per path, with the SDK's retry policy and error classes; per call only the body is new.
+- `UpstreamHttpClient` + `UpstreamTransport` carry it over aiohttp, not httpx's own pool: under concurrency httpx
+  0.28's pool scans every idle connection per request (encode/httpx#3215), a third of the service's throughput.
+  No cookie jar, no redirects, honest transport errors.
 The measurements are in specs/003-llm-service/plan.md. Tests may inject a plain httpx client, which respx
 intercepts, and the service code is the same either way.
 """
@@ -152,12 +148,11 @@ _NO_COOKIES = _NoCookies()
 
 
 class UpstreamHttpClient(httpx.AsyncClient):
-    """The httpx client under the SDK: a fast path for what the SDK sends, httpx's own code for anything else.
+    """The httpx client under the SDK: sends straight to the transport, httpx's own code only for auth objects.
 
-    The SDK always builds requests for an absolute URL with complete headers and a byte body, and sends them
-    without auth objects: those skip httpx's URL and header merging, cookie jar, auth flow and event hooks.
-    Redirects are not followed (and are answered 502 by the service): a provider's API does not redirect, and
-    the API key must not travel to wherever a redirect points.
+    Requests come complete from the SDK, so sending skips httpx's cookie jar, auth flow, redirect loop and event
+    hooks. Redirects are not followed (and are answered 502 by the service): a provider's API does not redirect,
+    and the API key must not travel to wherever a redirect points.
     """
 
     def __init__(
@@ -183,35 +178,6 @@ class UpstreamHttpClient(httpx.AsyncClient):
     def cookies(self, cookies: object) -> None:
         if cookies:
             raise ValueError("the upstream client keeps no cookies")
-
-    def build_request(  # type: ignore[override]
-        self,
-        method: str,
-        url: httpx.URL | str,
-        *,
-        content: bytes | None = None,
-        headers: httpx.Headers | None = None,
-        timeout: Any = httpx.USE_CLIENT_DEFAULT,
-        extensions: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> httpx.Request:
-        if kwargs.get("params") or any(kwargs.get(name) is not None for name in ("data", "files", "json", "cookies")):
-            return super().build_request(
-                method, url, content=content, headers=headers, timeout=timeout, extensions=extensions, **kwargs
-            )
-        if not isinstance(url, httpx.URL) or url.is_relative_url:
-            url = self._merge_url(url)
-        if timeout is httpx.USE_CLIENT_DEFAULT:
-            timeout = self.timeout
-        elif not isinstance(timeout, httpx.Timeout):
-            timeout = httpx.Timeout(timeout)
-        return httpx.Request(
-            method,
-            url,
-            headers=headers,
-            content=content,
-            extensions={**(extensions or {}), "timeout": timeout.as_dict()},
-        )
 
     async def send(
         self,
