@@ -17,7 +17,7 @@ from src.core.errors import ErrorCode, ServiceError
 from src.core.llm.service import LLMService
 
 
-async def get_settings_of_app(request: Request) -> Settings:
+async def get_settings_of_app(request: HTTPConnection) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -45,7 +45,7 @@ class ServiceKeyBearer(HTTPBearer):
     """
 
     async def __call__(self, request: HTTPConnection) -> HTTPAuthorizationCredentials | None:
-        settings: Settings = request.app.state.settings
+        settings = await get_settings_of_app(request)
         if not settings.service_api_keys:
             return None
         credentials = await super().__call__(request)
