@@ -73,7 +73,12 @@ async def test_post_json_retries_like_the_sdk_and_counts_retries() -> None:
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(400, openai.BadRequestError), (401, openai.AuthenticationError), (429, openai.RateLimitError)],
+    [
+        (307, openai.APIStatusError),  # not followed: never a 2xx "answer"
+        (400, openai.BadRequestError),
+        (401, openai.AuthenticationError),
+        (429, openai.RateLimitError),
+    ],
 )
 async def test_post_json_raises_the_sdk_error_classes(status: int, error: type[openai.APIStatusError]) -> None:
     with respx.mock(base_url=UPSTREAM) as upstream:

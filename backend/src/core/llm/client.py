@@ -242,7 +242,7 @@ class UpstreamOpenAI(AsyncOpenAI):
         return template
 
     async def post_json(self, path: str, body: Mapping[str, Any], *, stream: bool = False) -> httpx.Response:
-        """POST `body` as JSON to `path`; the response, unread when `stream`. Raises the SDK's errors."""
+        """POST `body` as JSON to `path`: a 2xx response (unread when `stream`), or the SDK's errors."""
         options, url, headers, extensions = self._template(path)
         request = httpx.Request(
             "POST",
@@ -265,8 +265,10 @@ class UpstreamOpenAI(AsyncOpenAI):
                 if isinstance(exc, httpx.TimeoutException):
                     raise APITimeoutError(request=request) from exc
                 raise APIConnectionError(request=request) from exc
-            if response.status_code < 400:
+            if response.is_success:
                 return response
+            # Anything else is the SDK's error: 4xx/5xx as it would raise them, and also what the SDK would let
+            # through (a redirect we do not follow, 1xx), so callers only ever get a 2xx answer or an error.
             if remaining > 0 and self._should_retry(response):
                 await response.aclose()
                 await anyio.sleep(self._calculate_retry_timeout(remaining, options, response.headers))

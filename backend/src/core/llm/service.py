@@ -111,17 +111,6 @@ def _pool_exhausted() -> LLMServiceError:
     )
 
 
-def _not_an_answer(response: httpx.Response) -> LLMServiceError | None:
-    """Statuses the SDK lets through (it raises on 4xx and 5xx): a redirect is not followed, nor anything else."""
-    if response.is_success:
-        return None
-    return LLMServiceError(
-        ErrorCode.UPSTREAM_ERROR,
-        f"The LLM provider answered HTTP {response.status_code} instead of a completion.",
-        status_code=502,
-    )
-
-
 def _malformed(what: str) -> LLMServiceError:
     return LLMServiceError(ErrorCode.UPSTREAM_ERROR, f"The LLM provider sent a malformed {what}.", status_code=502)
 
@@ -351,8 +340,6 @@ class LLMService:
             finally:
                 self.release_slot()
             record.fields["upstream_request_id"] = http_response.headers.get("x-request-id")
-            if failure := _not_an_answer(http_response):
-                raise failure
             answer = _batch_answer(http_response.content, request_id)
             if answer.usage is not None:
                 record.usage(answer.usage.model_dump())
@@ -376,9 +363,6 @@ class LLMService:
             holds_slot = True
             with translate_upstream_errors():
                 response = await client.post_json(CHAT_COMPLETIONS_PATH, body, stream=True)
-            if failure := _not_an_answer(response):
-                await response.aclose()
-                raise failure
         except ServiceError as exc:
             if holds_slot:
                 self.release_slot()
