@@ -38,9 +38,11 @@ def test_a_running_service_never_imports_pydantic_v1() -> None:
         """
         import sys
         from fastapi.testclient import TestClient
+        from src.core.config import Settings
         from src.main import create_app
 
-        with TestClient(create_app()) as client:
+        settings = Settings(_env_file=None, openai_api_key="sk-test", log_level="ERROR")
+        with TestClient(create_app(settings)) as client:
             assert client.get("/health").status_code == 200
             assert client.post("/api/v1/llm/chat", json={"messages": []}).status_code == 422
             assert client.get("/openapi.json").status_code == 200
@@ -50,7 +52,7 @@ def test_a_running_service_never_imports_pydantic_v1() -> None:
     completed = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", script],
         cwd=BACKEND_DIR,
-        env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "sk-test", "LOG_LEVEL": "ERROR"},
+        env={"PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=60,
