@@ -11,6 +11,9 @@ import httpx
 import pytest
 import respx
 
+from src.core.llm.client import build_openai_client
+from src.core.llm.service import LLMService
+from src.models.llm import LLMRequest
 from tests.conftest import (
     SERVICE_KEY,
     UPSTREAM_KEY,
@@ -896,3 +899,33 @@ async def test_cors_lets_browsers_read_the_413(app_client: Callable[..., Any]) -
     assert response.status_code == 413
     assert response.headers["access-control-allow-origin"] == origin
     assert response.json()["error"]["request_id"] == response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["batch", "stream"])
+async def test_a_call_cancelled_while_waiting_for_the_upstream_gives_its_slot_back(
+    upstream: respx.MockRouter, stream: bool
+) -> None:
+    # Cancelled before the upstream answered (a server shutting down, a caller's task cancelled): the one slot
+    # must come back, or every later call would wait for it and answer 503.
+    upstream_reached = asyncio.Event()
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        upstream_reached.set()
+        await asyncio.sleep(60)
+        raise AssertionError("the call was not cancelled")
+
+    upstream.post("/chat/completions").mock(side_effect=hang)
+    settings = make_settings(llm_max_connections=1, llm_pool_timeout_seconds=0.05)
+    async with httpx.AsyncClient() as http_client:
+        service = LLMService(client=build_openai_client(settings, http_client=http_client), settings=settings)
+        request = LLMRequest.model_validate(chat_body(stream=stream))
+        call = service.open_stream(request, request_id="r1") if stream else service.chat(request, request_id="r1")
+        task = asyncio.ensure_future(call)
+        await asyncio.wait_for(upstream_reached.wait(), timeout=2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        upstream.post("/chat/completions").respond(200, json=completion())
+        answer = await service.chat(LLMRequest.model_validate(chat_body()), request_id="r2")
+    assert answer.message.content == "Hi! How can I help?"

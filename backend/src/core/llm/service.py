@@ -363,11 +363,14 @@ class LLMService:
             holds_slot = True
             with translate_upstream_errors():
                 response = await client.post_json(CHAT_COMPLETIONS_PATH, body, stream=True)
-        except ServiceError as exc:
+        except BaseException as exc:
+            # Any way out before the stream exists (an error, or cancellation while waiting for the upstream)
+            # gives the slot back: only a ChatStream releases it later.
             if holds_slot:
                 self.release_slot()
-            record.fields["code"] = exc.code
-            self.log_call(record)
+            if isinstance(exc, ServiceError):
+                record.fields["code"] = exc.code
+                self.log_call(record)
             raise
         record.fields["upstream_request_id"] = response.headers.get("x-request-id")
         return ChatStream(response=response, record=record, service=self)
