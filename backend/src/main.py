@@ -1,7 +1,12 @@
-"""The ASGI application: `create_app()` wires settings, logging, lifespan, middleware, error handlers and routers."""
+"""The ASGI application: `create_app()` wires settings, logging, lifespan, middleware, error handlers and routers.
+
+`uvicorn src.main:app` is the start command. `app` is built on first access (module `__getattr__`), not at import,
+so importing this module (as the tests do) never reads the environment or `.env`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,15 +19,17 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from src.api import health
 from src.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
+from src.api.sse import StreamTimings
 from src.api.v1.router import api_router
 from src.core.config import Settings, get_settings
 from src.core.errors import register_error_handlers
-from src.core.llm.client import build_openai_client
+from src.core.llm.client import OpenAIClient, environment_proxies
 from src.core.llm.service import LLMService
+from src.core.shutdown import Drain
 from src.utils.logging import configure_logging
 
 SERVICE_TITLE = "LLM chat service"
-SERVICE_VERSION = "1.0.0"
+SERVICE_VERSION = "1.1.0"
 
 
 class AppState(TypedDict):
@@ -37,19 +44,13 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[AppState]:
-        client = build_openai_client(settings, http_client=http_client)
-        upstream = str(client.base_url) if client is not None else None
-        if client is None:
-            log.warning("llm_not_configured", detail="OPENAI_API_KEY is unset: chat answers 503 llm_not_configured")
-        elif settings.llm_demo_upstream:
-            log.warning(
-                "offline_demo_upstream",
-                detail="Talking to the bundled OFFLINE DEMO upstream, not OpenAI: answers are canned.",
-                upstream=upstream,
-            )
-        else:
-            log.info("llm_upstream", upstream=upstream, default_model=settings.llm_default_model)
-        service = LLMService(client=client, settings=settings)
+        client = OpenAIClient.from_settings(settings, http_client=http_client)
+        _log_upstream(log, settings, client)
+        drain = Drain(grace_seconds=settings.llm_shutdown_grace_seconds)
+        drain.chain_server_signals()
+        service = LLMService(client=client, settings=settings, drain=drain)
+        # In the background: startup never waits for (or fails on) the upstream.
+        upstream_check = asyncio.create_task(service.check_upstream()) if settings.llm_startup_check else None
         # Everything alive now (modules, the SDK's ~1,000 type modules, schemas) lives as long as the process.
         # Freezing it keeps the collector from re-scanning ~130k objects on every full collection: those
         # scans were the latency spikes (p99 20x p50) under load.
@@ -58,11 +59,19 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
         try:
             yield {"llm_service": service}
         finally:
+            if upstream_check is not None:
+                upstream_check.cancel()
+            drain.restore_server_signals()
             if client is not None:
-                await client.close()
+                await client.aclose()
+            log.info("service_stopped")
 
     app = FastAPI(title=SERVICE_TITLE, version=SERVICE_VERSION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.stream_timings = StreamTimings(
+        keepalive_seconds=settings.llm_stream_keepalive_seconds,
+        send_timeout_seconds=settings.llm_stream_send_timeout_seconds,
+    )
     register_error_handlers(app)
     app.include_router(health.router)
     app.include_router(api_router)
@@ -81,4 +90,26 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
     return app
 
 
-app = create_app()
+def _log_upstream(log: structlog.typing.FilteringBoundLogger, settings: Settings, client: OpenAIClient | None) -> None:
+    if client is None:
+        log.warning("llm_not_configured", detail="OPENAI_API_KEY is unset: chat answers 503 llm_not_configured")
+        return
+    # Proxy URLs can carry credentials: say which schemes are proxied, never the URLs.
+    proxied = sorted(environment_proxies())
+    if settings.llm_demo_upstream:
+        log.warning(
+            "offline_demo_upstream",
+            detail="Talking to the bundled OFFLINE DEMO upstream, not OpenAI: answers are canned.",
+            upstream=client.base_url,
+        )
+        return
+    log.info("llm_upstream", upstream=client.base_url, default_model=settings.llm_default_model, proxied=proxied)
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`src.main:app` for uvicorn, built from the environment the first time it is asked for."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    app = create_app()
+    globals()["app"] = app
+    return app

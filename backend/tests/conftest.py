@@ -52,6 +52,7 @@ def make_settings(**overrides: Any) -> Settings:
         "openai_base_url": UPSTREAM,
         "llm_max_retries": 0,
         "llm_timeout_seconds": 5.0,
+        "llm_startup_check": False,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)

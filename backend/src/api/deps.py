@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
+from src.api.sse import StreamTimings
 from src.core.config import Settings
 from src.core.errors import ErrorCode, ServiceError
 from src.core.llm.service import LLMService
@@ -31,6 +32,12 @@ def request_id_of(request: Request) -> str:
     """The id `RequestContextMiddleware` gave this request (read directly: a dependency would cost a solve)."""
     request_id: str = request.state.request_id
     return request_id
+
+
+def stream_timings_of(request: Request) -> StreamTimings:
+    """The stream timings the app was built with (read directly, like `request_id_of`)."""
+    timings: StreamTimings = request.app.state.stream_timings
+    return timings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_of_app)]

@@ -1,12 +1,12 @@
-"""Liveness and readiness probes: open even when SERVICE_API_KEYS is set, for load balancers."""
+"""Liveness and readiness probes: open even when service keys are set, for load balancers."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from src.api.deps import SettingsDep
-from src.models.llm import HealthStatus
+from src.api.deps import LLMServiceDep
+from src.models.llm import HealthStatus, ReadinessStatus
 
 router = APIRouter(prefix="/health", tags=["health"])
 
@@ -18,10 +18,15 @@ async def health() -> HealthStatus:
 
 @router.get(
     "/ready",
-    response_model=HealthStatus,
-    responses={503: {"model": HealthStatus, "description": "No upstream key is configured"}},
+    response_model=ReadinessStatus,
+    responses={503: {"model": ReadinessStatus, "description": "No upstream key is configured, or shutting down"}},
 )
-async def ready(settings: SettingsDep) -> HealthStatus | JSONResponse:
-    if settings.llm_configured:
-        return HealthStatus(status="ok")
-    return JSONResponse(HealthStatus(status="unavailable").model_dump(), status_code=503)
+async def ready(service: LLMServiceDep) -> ReadinessStatus | JSONResponse:
+    """Ready while an upstream key is configured and the process is not draining; `upstream` is the last check."""
+    if service.drain.draining:
+        readiness = ReadinessStatus(status="draining", upstream=service.upstream_state)
+    elif not service.configured:
+        readiness = ReadinessStatus(status="unavailable", upstream=service.upstream_state)
+    else:
+        return ReadinessStatus(status="ok", upstream=service.upstream_state)
+    return JSONResponse(readiness.model_dump(), status_code=503)

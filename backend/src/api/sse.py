@@ -1,70 +1,181 @@
-"""The SSE response for chat streams: forwards each event as it comes and stops the upstream when the client leaves."""
+"""Server-Sent Events on the wire: our stream events as bytes, and the response that streams them.
+
+`EventStreamResponse` is a small `Response` of our own rather than `StreamingResponse`, FastAPI's `fastapi.sse` or
+sse-starlette, because a chat stream needs all of this and none of them does all of it (plan.md "SSE response"):
+- the upstream is opened before the response exists, so failures on open are plain HTTP errors;
+- a client that leaves is noticed at once (a watcher on `receive`), not at the next write, and the upstream is
+  closed within milliseconds;
+- `: keep-alive` comments every LLM_STREAM_KEEPALIVE_SECONDS of silence, so proxies with a read timeout (nginx,
+  load balancers) keep the connection while a reasoning model thinks;
+- a reader that stops reading cannot hold the stream: a write that makes no progress for
+  LLM_STREAM_SEND_TIMEOUT_SECONDS ends it;
+- at the end of the shutdown grace, a final `server_shutting_down` error event;
+- and `ChatStream.aclose()` on every path, which closes the upstream and logs the call once.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import structlog
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from src.core.llm.service import ChatStream
+from src.core.llm.relay import ChatStream, StreamEnd
+from src.core.shutdown import Drain
+from src.models.llm import StreamDelta, StreamDone, StreamError, StreamEvent
 
 SSE_HEADERS = {
     # Without these, proxies (nginx) and some clients buffer the stream and `curl -N` shows nothing until the end.
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
+_EVENT_NAMES: dict[type[StreamEvent], bytes] = {StreamDelta: b"delta", StreamDone: b"done", StreamError: b"error"}
+_END_OF_BODY: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+
+log = structlog.get_logger("sse")
+
+
+def encode_event(event: StreamEvent) -> bytes:
+    """The one encoder of our stream: a named event whose single `data:` line is one JSON object."""
+    return b"event: " + _EVENT_NAMES[type(event)] + b"\ndata: " + event.model_dump_json().encode() + b"\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTimings:
+    keepalive_seconds: float
+    send_timeout_seconds: float
+
+
+class ClientStalledError(Exception):
+    """A write made no progress for the send timeout: the reader stopped reading."""
+
+
+class _Writer:
+    """Body writes from the relay and the keep-alive ticker, one at a time, each bounded by the send timeout."""
+
+    def __init__(self, send: Send, *, send_timeout_seconds: float) -> None:
+        self._send = send
+        self._send_timeout = send_timeout_seconds
+        self._lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
+        self.last_write = self._loop.time()
+
+    async def write(self, message: Message) -> None:
+        async with self._lock:
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    await self._send(message)
+            except TimeoutError as exc:
+                raise ClientStalledError from exc
+            self.last_write = self._loop.time()
+
+    async def body(self, data: bytes) -> None:
+        await self.write({"type": "http.response.body", "body": data, "more_body": True})
 
 
 class EventStreamResponse(Response):
-    """`text/event-stream` over an already opened `ChatStream`.
-
-    Starlette's `StreamingResponse` would also work, but on ASGI servers below spec 2.4 it can be cancelled
-    before its iterator starts, and then nothing closes the upstream; here `aclose()` runs on every path.
-
-    The disconnect watcher is a plain asyncio task that cancels the relaying task, not an anyio task group: the
-    group's cancel scopes cost ~150 µs before the first token (measured; specs/003-llm-service/plan.md). The
-    relay swallows only that cancellation, and `ChatStream.aclose()` is shielded.
-    """
+    """`text/event-stream` over an already opened `ChatStream` (see the module docstring for what it guarantees)."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, stream: ChatStream) -> None:
+    def __init__(
+        self,
+        stream: ChatStream,
+        *,
+        timings: StreamTimings,
+        drain: Drain,
+        encode: Callable[[StreamEvent], bytes] = encode_event,
+    ) -> None:
         super().__init__(content=None, headers=SSE_HEADERS, media_type=self.media_type)
         # Response's __init__ set content-length: 0 for an empty body; a stream has none.
         self.raw_headers = [(name, value) for name, value in self.raw_headers if name != b"content-length"]
         self._stream = stream
+        self._timings = timings
+        self._drain = drain
+        self._encode = encode
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client_gone = False
-        finished = False
         relay = asyncio.current_task()
+        assert relay is not None
+        writer = _Writer(send, send_timeout_seconds=self._timings.send_timeout_seconds)
+        interrupted: StreamEnd | None = None
+        finished = False
+        stalled = False
+
+        def interrupt(end: StreamEnd) -> None:
+            nonlocal interrupted
+            if interrupted is None and not finished:
+                interrupted = end
+                relay.cancel()
 
         async def watch_for_disconnect() -> None:
-            nonlocal client_gone
             while (await receive())["type"] != "http.disconnect":
                 continue
             # Servers also report a disconnect once the response is complete; that is not a client leaving.
-            if not finished:
-                client_gone = True
-                if relay is not None:
-                    relay.cancel()
+            interrupt(StreamEnd.CLIENT_GONE)
+
+        async def keep_alive() -> None:
+            try:
+                while True:
+                    silent_for = self._loop_time() - writer.last_write
+                    if silent_for >= self._timings.keepalive_seconds:
+                        await writer.body(KEEPALIVE_COMMENT)
+                        continue
+                    await asyncio.sleep(self._timings.keepalive_seconds - silent_for)
+            except ClientStalledError:
+                nonlocal stalled
+                stalled = True
+                interrupt(StreamEnd.CLIENT_GONE)
+            except OSError:
+                interrupt(StreamEnd.CLIENT_GONE)
 
         watcher = asyncio.create_task(watch_for_disconnect())
+        ticker = asyncio.create_task(keep_alive())
+        unsubscribe = self._drain.subscribe(lambda: interrupt(StreamEnd.SHUTDOWN))
+        end = StreamEnd.DELIVERED
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await writer.write({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for event in self._stream:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
+                await writer.body(self._encode(event))
             finished = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            # ASGI spec 2.4 servers raise on sending to a closed connection instead of reporting a disconnect.
-            client_gone = not finished
+            await writer.write(_END_OF_BODY)
         except asyncio.CancelledError:
-            if not client_gone or relay is None:
+            if interrupted is None:
                 raise
-            # Our own cancellation (the watcher's): handled here, so the task is no longer being cancelled.
+            # Our own cancellation (a watcher's): handled here, so the task is no longer being cancelled.
             relay.uncancel()
+            end = interrupted
+        except ClientStalledError:
+            stalled = True
+            end = StreamEnd.CLIENT_GONE
+        except OSError:
+            # ASGI spec 2.4 servers raise on a write to a closed connection instead of reporting a disconnect.
+            end = StreamEnd.CLIENT_GONE
         finally:
             watcher.cancel()
-            await self._stream.aclose(client_gone=client_gone)
+            ticker.cancel()
+            unsubscribe()
+            if stalled:
+                log.warning(
+                    "stream_client_stalled",
+                    request_id=self._stream.request_id,
+                    send_timeout_seconds=self._timings.send_timeout_seconds,
+                )
+            if end is StreamEnd.SHUTDOWN:
+                await self._say_shutting_down(writer)
+            await self._stream.aclose(end=end)
+
+    async def _say_shutting_down(self, writer: _Writer) -> None:
+        try:
+            await writer.body(self._encode(self._stream.shutdown_event()))
+            await writer.write(_END_OF_BODY)
+        except (ClientStalledError, OSError):
+            log.warning("stream_shutdown_event_not_delivered", request_id=self._stream.request_id)
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()

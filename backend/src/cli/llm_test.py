@@ -12,11 +12,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import httpx
+from httpx_sse import EventSource
 
 EXIT_OK = 0
 EXIT_SERVICE_ERROR = 1
@@ -61,21 +61,6 @@ def _error_from(response: httpx.Response) -> ServiceAnsweredError:
         return ServiceAnsweredError(response.status_code, f"http_{response.status_code}", response.text[:200], None)
 
 
-def iter_sse(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    event, data = "message", list[str]()
-    for line in lines:
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-    if data:
-        yield event, "\n".join(data)
-
-
 class ChatClient:
     def __init__(self, url: str, *, api_key: str | None, timeout: float) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -107,9 +92,10 @@ class ChatClient:
             if response.status_code != 200:
                 response.read()
                 raise _error_from(response)
-            for event, data in iter_sse(response.iter_lines()):
-                result.raw.append(f"event: {event}\ndata: {data}\n")
-                message = json.loads(data)
+            for sse in EventSource(response).iter_sse():
+                event = sse.event
+                result.raw.append(f"event: {event}\ndata: {sse.data}\n")
+                message = json.loads(sse.data)
                 if event == "delta":
                     if result.ttft_ms is None:
                         result.ttft_ms = (time.perf_counter() - started) * 1000

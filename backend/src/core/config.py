@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -12,6 +13,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # backend/src/core/config.py -> the repository root, so `.env` is found whatever the working directory.
 REPO_ROOT = Path(__file__).resolve().parents[3]
 ENV_FILE = REPO_ROOT / ".env"
+# Names another settings file, or none at all when empty: test servers and `make demo` set it empty so that a
+# developer's `.env` cannot change what they run.
+ENV_FILE_VARIABLE = "LLM_ENV_FILE"
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -38,10 +42,17 @@ class Settings(BaseSettings):
     openai_base_url: str | None = None
     llm_default_model: str = Field(default="gpt-5-mini", min_length=1)
     llm_allowed_models: CommaList = Field(default_factory=list)
-    llm_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Reasoning models think for minutes before a batch answer or a first token; see README "Timeouts".
+    llm_timeout_seconds: float = Field(default=600.0, gt=0)
+    llm_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     llm_max_retries: int = Field(default=2, ge=0, le=10)
+    llm_max_retry_wait_seconds: float = Field(default=5.0, ge=0)
     llm_max_connections: int = Field(default=1000, ge=1)
     llm_pool_timeout_seconds: float = Field(default=1.0, ge=0)
+    llm_stream_keepalive_seconds: float = Field(default=15.0, gt=0)
+    llm_stream_send_timeout_seconds: float = Field(default=30.0, gt=0)
+    llm_shutdown_grace_seconds: float = Field(default=20.0, ge=0)
+    llm_startup_check: bool = True
     service_api_keys: CommaList = Field(default_factory=list, repr=False)
     cors_allow_origins: CommaList = Field(default_factory=list)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -76,6 +87,14 @@ class Settings(BaseSettings):
         return self.openai_api_key is not None
 
 
+def settings_file() -> Path | None:
+    """The settings file: `LLM_ENV_FILE` when it is set (empty: none), else the repository's `.env`."""
+    configured = os.environ.get(ENV_FILE_VARIABLE)
+    if configured is None:
+        return ENV_FILE
+    return Path(configured) if configured.strip() else None
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return Settings(_env_file=settings_file())

@@ -1,7 +1,7 @@
 """The service's one error family, its stable codes, and the handlers that write the error envelope.
 
     ServiceError                  anything we answer with the error envelope
-    └── LLMServiceError           caused by the LLM upstream (or its absence), mapped in core.llm.service
+    └── LLMServiceError           caused by the LLM upstream (or its absence), mapped in core.llm.upstream_errors
 
 Every error response has the body `{"error": {"code", "message", "request_id"[, "details"]}}`.
 """
@@ -39,6 +39,9 @@ class ErrorCode(StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    SERVER_SHUTTING_DOWN = "server_shutting_down"
+    # Only in logs: the client left before its answer (nginx's 499), so nobody reads the response.
+    CLIENT_CLOSED_REQUEST = "client_closed_request"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -1,4 +1,9 @@
-"""Start and stop the bundled upstream and the service as real processes on free ports (demo, e2e tests, bench)."""
+"""Start and stop the bundled upstream and the service as real processes on free ports (demo, e2e tests, bench).
+
+Every process gets its settings from the caller, never from the developer's shell or `.env`: the environment it
+inherits is cleaned of the service's settings, egress proxies and the bundled upstream's own variables, and the
+service is told to read no settings file (`LLM_ENV_FILE=`).
+"""
 
 from __future__ import annotations
 
@@ -14,10 +19,25 @@ from typing import IO
 
 import httpx
 
+from src.core.config import ENV_FILE_VARIABLE, Settings
+
 BACKEND_DIR = Path(__file__).resolve().parents[2]
 DEMO_API_KEY = "sk-offline-demo-placeholder-0000"
 READY_TIMEOUT_SECONDS = 30.0
-STOP_TIMEOUT_SECONDS = 10.0
+# Longer than the service's default shutdown grace (LLM_SHUTDOWN_GRACE_SECONDS), so a drain is never cut short.
+STOP_TIMEOUT_SECONDS = 30.0
+PROXY_VARIABLES = frozenset({"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"})
+_MOCK_VARIABLE_PREFIX = "MOCK_"
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment without anything that would change what a started server does."""
+    owned = {name.upper() for name in Settings.model_fields} | PROXY_VARIABLES | {ENV_FILE_VARIABLE}
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name.upper() not in owned and not name.upper().startswith(_MOCK_VARIABLE_PREFIX)
+    }
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,12 +53,12 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     url: str
 
-    def stop(self) -> int:
+    def stop(self, *, signum: int = signal.SIGINT, timeout: float = STOP_TIMEOUT_SECONDS) -> int:
         """SIGINT (uvicorn's graceful shutdown, like Ctrl-C), then SIGKILL if it does not stop in time."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signum)
             try:
-                self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -69,7 +89,9 @@ def start_mock_upstream(
     command = [sys.executable, "-m", "src.devtools.mock_openai", "--host", host, "--port", str(port)]
     if delay_ms is not None:
         command += ["--delay-ms", str(delay_ms)]
-    process = subprocess.Popen(command, cwd=BACKEND_DIR, stdout=output, stderr=output)
+    process = subprocess.Popen(
+        command, cwd=BACKEND_DIR, env=clean_environment(), stdout=output, stderr=output, start_new_session=True
+    )
     server = ServerProcess("bundled upstream", process, f"http://{host}:{port}")
     server.wait_ready()
     return server
@@ -84,12 +106,14 @@ def start_service(
     env: dict[str, str] | None = None,
     output: IO[bytes] | int | None = None,
 ) -> ServerProcess:
-    """The real service under uvicorn; with `upstream_url` it is wired to that upstream with a placeholder key."""
+    """The real service under uvicorn, configured only by `env`; with `upstream_url` it is wired to that upstream
+    with a placeholder key (`env` may still name another key)."""
     port = port or free_port(host)
-    service_env = {**os.environ, **(env or {})}
+    service_env = {**clean_environment(), ENV_FILE_VARIABLE: ""}
     if upstream_url is not None:
-        service_env.setdefault("OPENAI_BASE_URL", f"{upstream_url}/v1")
-        service_env.setdefault("OPENAI_API_KEY", DEMO_API_KEY)
+        service_env["OPENAI_BASE_URL"] = f"{upstream_url}/v1"
+        service_env["OPENAI_API_KEY"] = DEMO_API_KEY
+    service_env.update(env or {})
     command = [
         sys.executable,
         "-m",
@@ -110,7 +134,11 @@ def start_service(
         "--backlog",
         "4096",
     ]
-    process = subprocess.Popen(command, cwd=BACKEND_DIR, env=service_env, stdout=output, stderr=output)
+    # A session of its own: a Ctrl-C in the terminal reaches only the launcher, which stops each server once
+    # (a second SIGINT would make uvicorn skip the app's shutdown).
+    process = subprocess.Popen(
+        command, cwd=BACKEND_DIR, env=service_env, stdout=output, stderr=output, start_new_session=True
+    )
     server = ServerProcess("service", process, f"http://{host}:{port}")
     server.wait_ready()
     return server

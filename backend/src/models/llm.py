@@ -73,6 +73,18 @@ class StreamDone(BaseModel):
     usage: Usage | None
 
 
+class StreamError(BaseModel):
+    """`event: error`: the last event of a stream that failed after it began."""
+
+    code: str
+    message: str
+    request_id: str
+
+
+# What a chat stream yields, in order: deltas, then exactly one `StreamDone` or `StreamError`.
+StreamEvent = StreamDelta | StreamDone | StreamError
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str
@@ -86,5 +98,17 @@ class ErrorEnvelope(BaseModel):
     error: ErrorDetail
 
 
+UpstreamState = Literal[
+    "unchecked", "ok", "key_rejected", "unreachable", "tls_untrusted", "not_openai_compatible", "not_configured"
+]
+
+
 class HealthStatus(BaseModel):
     status: Literal["ok", "unavailable"]
+
+
+class ReadinessStatus(BaseModel):
+    """`/health/ready`: whether to send traffic here, and the last known state of the upstream."""
+
+    status: Literal["ok", "unavailable", "draining"]
+    upstream: UpstreamState

@@ -11,8 +11,9 @@ import httpx
 import pytest
 import respx
 
-from src.core.llm.client import build_openai_client
+from src.core.llm.client import OpenAIClient
 from src.core.llm.service import LLMService
+from src.core.shutdown import Drain
 from src.models.llm import LLMRequest
 from tests.conftest import (
     SERVICE_KEY,
@@ -306,7 +307,7 @@ async def test_no_upstream_key_answers_503_llm_not_configured(app_client: Callab
 async def test_ready_is_200_when_configured(client: httpx.AsyncClient) -> None:
     response = await client.get("/health/ready")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
+    assert response.json() == {"status": "ok", "upstream": "unchecked"}
 
 
 async def test_model_outside_allow_list_is_400(app_client: Callable[..., Any], upstream: respx.MockRouter) -> None:
@@ -475,7 +476,9 @@ async def test_unexpected_exception_is_500_internal_error_without_internals(
     from src.api.deps import get_llm_service
 
     class BrokenService:
-        async def chat(self, *_: Any, **__: Any) -> None:
+        drain = Drain(grace_seconds=1)
+
+        async def get_chat_completion(self, *_: Any, **__: Any) -> None:
             raise RuntimeError("secret internal detail")
 
     async with app_client() as (client, app, _):
@@ -871,15 +874,12 @@ async def test_stream_malformed_chunk_ends_with_upstream_error_event(
 async def test_stream_unexpected_failure_mid_stream_is_internal_error_event(
     client: httpx.AsyncClient, upstream: respx.MockRouter, read_logs: Logs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from src.core.llm import service as service_module
+    from src.core.llm import relay
 
-    def explode(event: str, payload: dict[str, Any]) -> bytes:
-        if event == "done":
-            raise RuntimeError("encoder bug")
-        return original(event, payload)
+    def broken_done(**_: Any) -> None:
+        raise RuntimeError("relay bug")
 
-    original = service_module.encode_sse
-    monkeypatch.setattr(service_module, "encode_sse", explode)
+    monkeypatch.setattr(relay, "StreamDone", broken_done)
     upstream.post("/chat/completions").respond(
         200, content=sse_chunks(["a"]), headers={"content-type": "text/event-stream"}
     )
@@ -887,9 +887,9 @@ async def test_stream_unexpected_failure_mid_stream_is_internal_error_event(
     events = parse_sse(response.text)
     assert [event for event, _ in events] == ["delta", "error"]
     assert events[-1][1]["code"] == "internal_error"
-    assert "encoder bug" not in response.text
+    assert "relay bug" not in response.text
     logs = read_logs()
-    assert "RuntimeError: encoder bug" in _events(logs, "stream_relay_failed")[0]["exception"]
+    assert "RuntimeError: relay bug" in _events(logs, "stream_relay_failed")[0]["exception"]
 
 
 async def test_cors_lets_browsers_read_the_413(app_client: Callable[..., Any]) -> None:
@@ -917,9 +917,13 @@ async def test_a_call_cancelled_while_waiting_for_the_upstream_gives_its_slot_ba
     upstream.post("/chat/completions").mock(side_effect=hang)
     settings = make_settings(llm_max_connections=1, llm_pool_timeout_seconds=0.05)
     async with httpx.AsyncClient() as http_client:
-        service = LLMService(client=build_openai_client(settings, http_client=http_client), settings=settings)
+        service = LLMService(client=OpenAIClient.from_settings(settings, http_client=http_client), settings=settings)
         request = LLMRequest.model_validate(chat_body(stream=stream))
-        call = service.open_stream(request, request_id="r1") if stream else service.chat(request, request_id="r1")
+        call = (
+            service.stream_chat_completion(request, request_id="r1")
+            if stream
+            else service.get_chat_completion(request, request_id="r1")
+        )
         task = asyncio.ensure_future(call)
         await asyncio.wait_for(upstream_reached.wait(), timeout=2)
         task.cancel()
@@ -927,5 +931,5 @@ async def test_a_call_cancelled_while_waiting_for_the_upstream_gives_its_slot_ba
             await task
 
         upstream.post("/chat/completions").respond(200, json=completion())
-        answer = await service.chat(LLMRequest.model_validate(chat_body()), request_id="r2")
+        answer = await service.get_chat_completion(LLMRequest.model_validate(chat_body()), request_id="r2")
     assert answer.message.content == "Hi! How can I help?"

@@ -20,8 +20,13 @@ def test_defaults_match_the_contract() -> None:
     assert settings.openai_api_key is None
     assert settings.llm_default_model == "gpt-5-mini"
     assert settings.llm_allowed_models == []
-    assert settings.llm_timeout_seconds == 60
+    assert settings.llm_timeout_seconds == 600
+    assert settings.llm_connect_timeout_seconds == 5
     assert settings.llm_max_retries == 2
+    assert settings.llm_max_retry_wait_seconds == 5
+    assert settings.llm_stream_keepalive_seconds == 15
+    assert settings.llm_stream_send_timeout_seconds == 30
+    assert settings.llm_shutdown_grace_seconds == 20
     assert settings.service_api_keys == []
     assert (settings.log_level, settings.log_format, settings.log_prompts) == ("INFO", "json", False)
     assert settings.max_request_bytes == 1_048_576

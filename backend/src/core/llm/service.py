@@ -1,383 +1,150 @@
-"""`LLMService`: chat over the shared OpenAI client; the only module that knows OpenAI's types and errors.
+"""`LLMService`: chat over the shared upstream client, with the model policy, connection slots, retries and logs.
 
-Batch calls and streams both go through `UpstreamOpenAI.post_json`: the SDK's own request (auth, base URL,
-headers), retry policy and error classes, without the SDK's per-call option models, body transformation against
-its TypedDicts, or the pydantic model it would build per answer and per stream chunk. Answers are read as JSON and
-stream chunks are parsed by the lean SSE decoder below; see specs/003-llm-service/plan.md for the measurements.
+    get_chat_completion(request)     one batch answer (`LLMResponse`)
+    stream_chat_completion(request)  opens the upstream first (failures before the first byte are plain HTTP
+                                     errors), then a `ChatStream` of typed events that always closes the upstream
+
+The only module, with core/llm/relay.py, that reads OpenAI's wire format.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import re
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import httpx
 import openai
-import structlog
 
 from src.core.config import Settings
 from src.core.errors import ErrorCode, LLMServiceError, ServiceError
-from src.core.llm.client import UpstreamOpenAI
-from src.models.llm import AssistantMessage, LLMRequest, LLMResponse, Usage
+from src.core.llm.call_record import CallLog, CallRecord
+from src.core.llm.client import OpenAIClient
+from src.core.llm.relay import ChatStream, parse_usage
+from src.core.llm.retry import RetryPolicy
+from src.core.llm.slots import UpstreamSlots
+from src.core.llm.upstream_check import check_upstream
+from src.core.llm.upstream_errors import NOT_CONFIGURED_MESSAGE, malformed, map_upstream_error, rejection_of
+from src.core.shutdown import Drain
+from src.models.llm import AssistantMessage, LLMRequest, LLMResponse, UpstreamState
 
-# Upstream texts can quote the key we sent ("Incorrect API key provided: sk-abc***xyz"); never pass that on.
-_SECRET_PATTERN = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*.]{3,}")
-AUTH_ERROR_MESSAGE = "The service could not authenticate with the LLM provider; an operator must check its API key."
-NOT_CONFIGURED_MESSAGE = "No LLM provider is configured: set OPENAI_API_KEY on the service."
-_DONE_SENTINEL = "[DONE]"
+__all__ = ["LLMService", "LLMServiceError"]
+
 _STREAM_OPTIONS = {"include_usage": True}
-CHAT_COMPLETIONS_PATH = "/chat/completions"
+SHUTTING_DOWN_MESSAGE = "The service is shutting down; retry on another instance."
 
 
-def redact_secrets(text: str) -> str:
-    return _SECRET_PATTERN.sub("[redacted]", text)
-
-
-def _upstream_message(exc: openai.APIError) -> str:
-    return redact_secrets(exc.message) if exc.message else "The LLM provider rejected the request."
-
-
-def _retry_after(exc: openai.APIStatusError) -> dict[str, str]:
-    value = exc.response.headers.get("retry-after")
-    if value is not None and value.strip().isdigit():
-        return {"Retry-After": value.strip()}
-    milliseconds = exc.response.headers.get("retry-after-ms")
-    if milliseconds is not None:
-        with contextlib.suppress(ValueError):
-            return {"Retry-After": str(max(1, round(float(milliseconds) / 1000)))}
-    return {}
-
-
-def map_upstream_error(exc: Exception) -> LLMServiceError:
-    """The one table from upstream failures (SDK errors, or transport errors mid-stream) to our codes."""
-    # APITimeoutError subclasses APIConnectionError: it must be tested first.
-    if isinstance(exc, openai.APITimeoutError):
-        if isinstance(exc.__cause__, httpx.PoolTimeout):
-            return _pool_exhausted()
-        return LLMServiceError(ErrorCode.UPSTREAM_TIMEOUT, "The LLM provider did not answer in time.", status_code=504)
-    if isinstance(exc, openai.APIConnectionError):
-        return LLMServiceError(
-            ErrorCode.UPSTREAM_UNAVAILABLE, "The LLM provider could not be reached.", status_code=503
-        )
-    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-        return LLMServiceError(ErrorCode.LLM_AUTH_ERROR, AUTH_ERROR_MESSAGE, status_code=500)
-    if isinstance(exc, openai.RateLimitError):
-        if exc.code == "insufficient_quota":
-            return LLMServiceError(
-                ErrorCode.QUOTA_EXCEEDED, "The LLM provider's quota for this service is used up.", status_code=503
-            )
-        return LLMServiceError(
-            ErrorCode.RATE_LIMITED,
-            "The LLM provider is rate limiting this service; retry later.",
-            status_code=429,
-            headers=_retry_after(exc),
-        )
-    if isinstance(exc, openai.NotFoundError):
-        return LLMServiceError(ErrorCode.MODEL_NOT_FOUND, _upstream_message(exc), status_code=400)
-    if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
-        code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if exc.code == "context_length_exceeded" else ErrorCode.INVALID_REQUEST
-        return LLMServiceError(code, _upstream_message(exc), status_code=400)
-    if isinstance(exc, openai.APIStatusError):
-        return LLMServiceError(
-            ErrorCode.UPSTREAM_ERROR,
-            f"The LLM provider failed (HTTP {exc.status_code}).",
-            status_code=502,
-        )
-    if isinstance(exc, openai.APIError):
-        # An error the provider reported inside a stream that had already started.
-        return LLMServiceError(ErrorCode.UPSTREAM_ERROR, _upstream_message(exc), status_code=502)
-    if isinstance(exc, httpx.TimeoutException):
-        return LLMServiceError(ErrorCode.UPSTREAM_TIMEOUT, "The LLM provider stopped sending in time.", status_code=504)
-    if isinstance(exc, httpx.HTTPError):
-        return LLMServiceError(
-            ErrorCode.UPSTREAM_ERROR, "The connection to the LLM provider broke mid-answer.", status_code=502
-        )
-    return LLMServiceError(ErrorCode.INTERNAL_ERROR, "Unexpected upstream failure.", status_code=500)
-
-
-def _pool_exhausted() -> LLMServiceError:
+def shutting_down() -> LLMServiceError:
     return LLMServiceError(
-        ErrorCode.UPSTREAM_UNAVAILABLE,
-        "All upstream connections are busy (LLM_MAX_CONNECTIONS); retry shortly.",
-        status_code=503,
-        headers={"Retry-After": "1"},
+        ErrorCode.SERVER_SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE, status_code=503, headers={"Retry-After": "1"}
     )
 
 
-def _malformed(what: str) -> LLMServiceError:
-    return LLMServiceError(ErrorCode.UPSTREAM_ERROR, f"The LLM provider sent a malformed {what}.", status_code=502)
-
-
-@contextlib.contextmanager
-def translate_upstream_errors() -> Iterator[None]:
-    """The boundary where foreign errors become ours (like httpx's `map_httpcore_exceptions`)."""
-    try:
-        yield
-    except (openai.OpenAIError, httpx.HTTPError) as exc:
-        raise map_upstream_error(exc) from exc
-
-
-def _elapsed_ms(since: float) -> float:
-    return round((time.perf_counter() - since) * 1000, 2)
-
-
-@dataclass(slots=True)
-class _CallRecord:
-    """Everything the canonical per-call log line says; filled in as the call goes."""
-
-    request_id: str
-    model: str
-    stream: bool
-    started: float = field(default_factory=time.perf_counter)
-    fields: dict[str, Any] = field(default_factory=dict)
-
-    def usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-                self.fields[key] = usage.get(key)
-
-
-async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str | None, str]]:
-    """Decode a Server-Sent-Events byte stream into `(event, data)` pairs (lines split on LF, CRLF tolerated)."""
-    pending = b""
-    event: str | None = None
-    data: list[str] = []
-    async for chunk in chunks:
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()
-        for raw_line in lines:
-            line = raw_line[:-1] if raw_line.endswith(b"\r") else raw_line
-            if not line:
-                if data:
-                    yield event, "\n".join(data)
-                event, data = None, []
-                continue
-            name, _, value = line.partition(b":")
-            if value.startswith(b" "):
-                value = value[1:]
-            if name == b"data":
-                data.append(value.decode())
-            elif name == b"event":
-                event = value.decode()
-    if data:
-        yield event, "\n".join(data)
-
-
-def encode_sse(event: str, payload: dict[str, Any]) -> bytes:
-    """The one encoder of our stream: a named event whose single `data:` line is one JSON object."""
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event}\ndata: {body}\n\n".encode()
-
-
-class ChatStream:
-    """An opened upstream stream, relayed as our SSE events; `aclose()` must always be called (it logs the call)."""
-
-    def __init__(
-        self,
-        *,
-        response: httpx.Response,
-        record: _CallRecord,
-        service: LLMService,
-    ) -> None:
-        self._response = response
-        self._record = record
-        self._service = service
-        self._closed = False
-        self._events = self._relay()
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._events
-
-    async def _relay(self) -> AsyncGenerator[bytes, None]:
-        record = self._record
-        fields = record.fields
-        delivered_chars = 0
-        delivered_chunks = 0
-        upstream_id: str | None = None
-        upstream_model: str | None = None
-        finish_reason: str | None = None
-        usage: dict[str, Any] | None = None
-        completed = False
-        answer: list[str] | None = [] if self._service.log_prompts else None
-        try:
-            with translate_upstream_errors():
-                async for event, data in iter_sse(self._response.aiter_bytes()):
-                    if data == _DONE_SENTINEL:
-                        completed = True
-                        break
-                    try:
-                        chunk = json.loads(data)
-                    except ValueError as exc:
-                        raise _malformed("stream chunk") from exc
-                    if not isinstance(chunk, dict):
-                        raise _malformed("stream chunk")
-                    if event == "error" or chunk.get("error"):
-                        error = chunk.get("error")
-                        message = error.get("message") if isinstance(error, dict) else None
-                        raise openai.APIError(str(message or "stream failed"), self._response.request, body=error)
-                    upstream_id = upstream_id or chunk.get("id")
-                    upstream_model = upstream_model or chunk.get("model")
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                    choices = chunk.get("choices") or []
-                    if not isinstance(choices, list):
-                        raise _malformed("stream chunk")
-                    for choice in choices:
-                        if not isinstance(choice, dict):
-                            raise _malformed("stream chunk")
-                        delta = choice.get("delta")
-                        content = delta.get("content") if isinstance(delta, dict) else None
-                        if content and isinstance(content, str):
-                            if delivered_chunks == 0:
-                                fields["ttft_ms"] = _elapsed_ms(record.started)
-                            delivered_chunks += 1
-                            delivered_chars += len(content)
-                            if answer is not None:
-                                answer.append(content)
-                            yield encode_sse("delta", {"content": content})
-                        if choice.get("finish_reason"):
-                            finish_reason = choice["finish_reason"]
-            if not completed and finish_reason is None:
-                raise LLMServiceError(
-                    ErrorCode.UPSTREAM_ERROR,
-                    "The LLM provider ended the stream before the answer was complete.",
-                    status_code=502,
-                )
-            record.usage(usage)
-            fields["finish_reason"] = finish_reason
-            yield encode_sse(
-                "done",
-                {
-                    "id": upstream_id,
-                    "model": upstream_model,
-                    "request_id": record.request_id,
-                    "finish_reason": finish_reason,
-                    "usage": _usage_of(usage),
-                },
-            )
-        except ServiceError as exc:
-            fields["code"] = exc.code
-            fields["finish_reason"] = finish_reason
-            yield encode_sse("error", {"code": exc.code, "message": exc.message, "request_id": record.request_id})
-        except Exception:
-            # The response has started: the middleware can no longer answer 500, so the stream says it.
-            self._service.log_unexpected("stream_relay_failed")
-            fields["code"] = ErrorCode.INTERNAL_ERROR
-            yield encode_sse(
-                "error",
-                {
-                    "code": ErrorCode.INTERNAL_ERROR,
-                    "message": "The service failed unexpectedly.",
-                    "request_id": record.request_id,
-                },
-            )
-        finally:
-            fields["delivered_chunks"] = delivered_chunks
-            fields["delivered_chars"] = delivered_chars
-            if answer is not None:
-                fields["answer"] = "".join(answer)
-
-    async def aclose(self, *, client_gone: bool = False) -> None:
-        """Close the upstream (shielded: a disconnect cancels the caller), free the slot, log the call once."""
-        if self._closed:
-            return
-        self._closed = True
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._events.aclose()
-                await self._response.aclose()
-            finally:
-                self._service.release_slot()
-                if client_gone:
-                    self._record.fields["cancelled"] = True
-                self._service.log_call(self._record)
-
-
-def _usage_of(usage: Any) -> dict[str, int] | None:
-    if not isinstance(usage, dict):
-        return None
-    try:
-        return {key: int(usage[key]) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 class LLMService:
-    """Chat in batch or stream mode over the shared client, with the model policy, concurrency cap and call logs."""
+    """Chat in batch or stream mode over the shared client."""
 
-    def __init__(self, *, client: UpstreamOpenAI | None, settings: Settings) -> None:
+    def __init__(self, *, client: OpenAIClient | None, settings: Settings, drain: Drain | None = None) -> None:
         self._client = client
-        if client is not None:
-            client.prepare(CHAT_COMPLETIONS_PATH)
         self._default_model = settings.llm_default_model
         self._allowed_models = frozenset(settings.llm_allowed_models)
-        self.log_prompts = settings.log_prompts
-        # The pool is never the silent limit: at most llm_max_connections calls hold a connection, and a caller
-        # who cannot get one within llm_pool_timeout_seconds gets a quick 503 instead of queueing forever.
-        self._slots = asyncio.Semaphore(settings.llm_max_connections)
-        self._slot_timeout = settings.llm_pool_timeout_seconds
-        self._log = structlog.get_logger("llm").bind()
+        self._log_prompts = settings.log_prompts
+        self._slots = UpstreamSlots(size=settings.llm_max_connections, wait_seconds=settings.llm_pool_timeout_seconds)
+        self._retry = RetryPolicy(
+            max_retries=settings.llm_max_retries, max_wait_seconds=settings.llm_max_retry_wait_seconds
+        )
+        self._drain = drain or Drain(grace_seconds=settings.llm_shutdown_grace_seconds)
+        self._call_log = CallLog()
+        self.upstream_state: UpstreamState = "unchecked" if client is not None else "not_configured"
 
     @property
     def configured(self) -> bool:
         return self._client is not None
 
-    async def chat(self, request: LLMRequest, *, request_id: str) -> LLMResponse:
+    async def check_upstream(self) -> None:
+        """Ask the upstream for its models once and remember the verdict (for `/health/ready`)."""
+        if self._client is not None:
+            self.upstream_state = await check_upstream(self._client)
+
+    @property
+    def drain(self) -> Drain:
+        return self._drain
+
+    async def get_chat_completion(self, request: LLMRequest, *, request_id: str) -> LLMResponse:
         """One batch answer."""
-        client, record, kwargs = self._begin(request, request_id=request_id, stream=False)
+        client, record, body = self._begin(request, request_id=request_id, stream=False)
         try:
-            await self._acquire_slot()
-            try:
-                with translate_upstream_errors():
-                    http_response = await client.post_json(CHAT_COMPLETIONS_PATH, kwargs)
-            finally:
-                self.release_slot()
-            record.fields["upstream_request_id"] = http_response.headers.get("x-request-id")
-            answer = _batch_answer(http_response.content, request_id)
-            if answer.usage is not None:
-                record.usage(answer.usage.model_dump())
-            record.fields["finish_reason"] = answer.finish_reason
-            if self.log_prompts:
-                record.fields["answer"] = answer.message.content
+            response = await self._send(client, body, record=record, stream=False)
+            self._slots.release()
+            answer = _batch_answer(response.content, request_id)
+            record.usage = answer.usage
+            record.finish_reason = answer.finish_reason
+            if self._log_prompts:
+                record.answer = answer.message.content
             return answer
         except ServiceError as exc:
-            record.fields["code"] = exc.code
+            record.code = exc.code
+            raise
+        except asyncio.CancelledError:
+            record.cancelled = True
             raise
         finally:
-            self.log_call(record)
+            self._call_log.emit(record)
 
-    async def open_stream(self, request: LLMRequest, *, request_id: str) -> ChatStream:
+    async def stream_chat_completion(self, request: LLMRequest, *, request_id: str) -> ChatStream:
         """Open the upstream stream now, so that failures before the first byte are plain HTTP errors."""
-        client, record, kwargs = self._begin(request, request_id=request_id, stream=True)
-        body = {**kwargs, "stream": True, "stream_options": _STREAM_OPTIONS}
-        holds_slot = False
+        client, record, body = self._begin(request, request_id=request_id, stream=True)
+        body["stream"] = True
+        body["stream_options"] = _STREAM_OPTIONS
         try:
-            await self._acquire_slot()
-            holds_slot = True
-            with translate_upstream_errors():
-                response = await client.post_json(CHAT_COMPLETIONS_PATH, body, stream=True)
-        except BaseException as exc:
-            # Any way out before the stream exists (an error, or cancellation while waiting for the upstream)
-            # gives the slot back: only a ChatStream releases it later.
-            if holds_slot:
-                self.release_slot()
-            if isinstance(exc, ServiceError):
-                record.fields["code"] = exc.code
-                self.log_call(record)
+            response = await self._send(client, body, record=record, stream=True)
+        except ServiceError as exc:
+            record.code = exc.code
+            self._call_log.emit(record)
             raise
-        record.fields["upstream_request_id"] = response.headers.get("x-request-id")
-        return ChatStream(response=response, record=record, service=self)
+        except asyncio.CancelledError:
+            record.cancelled = True
+            self._call_log.emit(record)
+            raise
+        return ChatStream(
+            response=response,
+            record=record,
+            call_log=self._call_log,
+            release_slot=self._slots.release,
+            keep_answer=self._log_prompts,
+        )
+
+    async def _send(
+        self, client: OpenAIClient, body: dict[str, Any], *, record: CallRecord, stream: bool
+    ) -> httpx.Response:
+        """One upstream call, retried by the policy; returns holding a connection slot (the caller releases it).
+
+        No slot is held while waiting to retry, and cancelling the caller cancels the retries still pending.
+        """
+        while True:
+            await self._slots.acquire()
+            record.attempts += 1
+            try:
+                if stream:
+                    response = await client.open_chat_completion_stream(body)
+                else:
+                    response = await client.create_chat_completion(body)
+            except openai.OpenAIError as exc:
+                self._slots.release()
+                delay = self._retry.delay_before_retry(exc, retries_done=record.attempts - 1)
+                if delay is None:
+                    record.rejection = rejection_of(exc)
+                    raise map_upstream_error(exc) from exc
+                await asyncio.sleep(delay)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            record.upstream_request_id = response.headers.get("x-request-id")
+            return response
 
     def _begin(
         self, request: LLMRequest, *, request_id: str, stream: bool
-    ) -> tuple[UpstreamOpenAI, _CallRecord, dict[str, Any]]:
+    ) -> tuple[OpenAIClient, CallRecord, dict[str, Any]]:
         model = request.model or self._default_model
         if self._allowed_models and model not in self._allowed_models:
             raise LLMServiceError(
@@ -387,46 +154,15 @@ class LLMService:
             )
         if self._client is None:
             raise LLMServiceError(ErrorCode.LLM_NOT_CONFIGURED, NOT_CONFIGURED_MESSAGE, status_code=503)
-        record = _CallRecord(request_id=request_id, model=model, stream=stream)
-        if self.log_prompts:
-            record.fields["messages"] = [message.model_dump() for message in request.messages]
-        return self._client, record, upstream_kwargs(request, model=model)
-
-    async def _acquire_slot(self) -> None:
-        if not self._slots.locked():
-            await self._slots.acquire()
-            return
-        try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=self._slot_timeout)
-        except TimeoutError as exc:
-            raise _pool_exhausted() from exc
-
-    def release_slot(self) -> None:
-        self._slots.release()
-
-    def log_unexpected(self, event: str) -> None:
-        """Log the exception being handled, with its traceback."""
-        self._log.exception(event)
-
-    def log_call(self, record: _CallRecord) -> None:
-        fields = record.fields
-        fields.setdefault("prompt_tokens", None)
-        fields.setdefault("completion_tokens", None)
-        fields.setdefault("total_tokens", None)
-        fields.setdefault("finish_reason", None)
-        fields.setdefault("upstream_request_id", None)
-        log = self._log.warning if "code" in fields else self._log.info
-        log(
-            "llm_call",
-            request_id=record.request_id,
-            model=record.model,
-            stream=record.stream,
-            latency_ms=_elapsed_ms(record.started),
-            **fields,
-        )
+        if self._drain.draining:
+            raise shutting_down()
+        record = CallRecord(request_id=request_id, model=model, stream=stream)
+        if self._log_prompts:
+            record.messages = [message.model_dump() for message in request.messages]
+        return self._client, record, upstream_body(request, model=model)
 
 
-def upstream_kwargs(request: LLMRequest, *, model: str) -> dict[str, Any]:
+def upstream_body(request: LLMRequest, *, model: str) -> dict[str, Any]:
     """Only the parameters the caller set; `max_tokens` renamed for gpt-5 and o-series models."""
     params = request.model_dump(exclude_unset=True, exclude_none=True, exclude={"messages", "model", "stream"})
     if "max_tokens" in params:
@@ -440,14 +176,13 @@ def _batch_answer(content: bytes, request_id: str) -> LLMResponse:
     try:
         payload = json.loads(content)
         choice = payload["choices"][0]
-        usage = _usage_of(payload.get("usage"))
         return LLMResponse(
             id=payload["id"],
             model=payload["model"],
             request_id=request_id,
             message=AssistantMessage(content=choice["message"].get("content") or ""),
             finish_reason=choice.get("finish_reason"),
-            usage=Usage(**usage) if usage is not None else None,
+            usage=parse_usage(payload.get("usage")),
         )
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise _malformed("answer") from exc
+        raise malformed("answer") from exc

@@ -6,14 +6,16 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from src.api.deps import LLMServiceDep, request_id_of, require_api_key
+from src.api.abandonment import unless_abandoned
+from src.api.deps import LLMServiceDep, request_id_of, require_api_key, stream_timings_of
 from src.api.sse import EventStreamResponse
 from src.models.llm import ErrorEnvelope, LLMRequest, LLMResponse
 
 _STREAM_DESCRIPTION = (
     'With `stream: true`: `text/event-stream` of `event: delta` (`{"content"}`), then `event: done` '
     '(`{"id", "model", "request_id", "finish_reason", "usage"}`), or `event: error` '
-    '(`{"code", "message", "request_id"}`) if the upstream fails after the stream began.'
+    '(`{"code", "message", "request_id"}`) if the upstream fails after the stream began. '
+    "Lines starting with `:` are keep-alive comments, sent while the upstream is silent."
 )
 
 
@@ -28,8 +30,8 @@ CHAT_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: _error("validation_error: `details` names each failing field"),
     429: _error("rate_limited by the upstream (`Retry-After` when it sent one)"),
     500: _error("llm_auth_error (the service's upstream key is rejected) or internal_error"),
-    502: _error("upstream_error: the upstream failed (5xx) or sent something malformed"),
-    503: _error("llm_not_configured, quota_exceeded or upstream_unavailable"),
+    502: _error("upstream_error: the upstream failed (5xx), sent something malformed, or has no such endpoint"),
+    503: _error("llm_not_configured, quota_exceeded, upstream_unavailable or server_shutting_down"),
     504: _error("upstream_timeout"),
 }
 
@@ -44,8 +46,9 @@ router = APIRouter(prefix="/llm", tags=["llm"], dependencies=[Depends(require_ap
             "description": "The answer",
             "content": {
                 "text/event-stream": {
-                    "schema": {"type": "string"},
-                    "example": 'event: delta\ndata: {"content":"Hi"}\n\n',
+                    "schema": {"type": "string", "description": _STREAM_DESCRIPTION},
+                    "example": 'event: delta\ndata: {"content":"Hi"}\n\nevent: done\ndata: {"id":"chatcmpl-1",'
+                    '"model":"gpt-5-mini","request_id":"r1","finish_reason":"stop","usage":null}\n\n',
                 }
             },
         },
@@ -56,6 +59,13 @@ router = APIRouter(prefix="/llm", tags=["llm"], dependencies=[Depends(require_ap
 )
 async def chat(body: LLMRequest, service: LLMServiceDep, request: Request) -> LLMResponse | EventStreamResponse:
     request_id = request_id_of(request)
+    drain = service.drain
     if body.stream:
-        return EventStreamResponse(await service.open_stream(body, request_id=request_id))
-    return await service.chat(body, request_id=request_id)
+        # Opening may wait for retries: a client who leaves meanwhile cancels them.
+        stream = await unless_abandoned(
+            service.stream_chat_completion(body, request_id=request_id), receive=request.receive, drain=drain
+        )
+        return EventStreamResponse(stream, timings=stream_timings_of(request), drain=drain)
+    return await unless_abandoned(
+        service.get_chat_completion(body, request_id=request_id), receive=request.receive, drain=drain
+    )

@@ -1,0 +1,186 @@
+"""The stream relay: an opened upstream stream of `chat.completion.chunk`s, relayed as our typed stream events.
+
+Upstream bytes are decoded by httpx-sse; each chunk becomes `StreamDelta`s; the end is exactly one `StreamDone` or
+`StreamError`. The relay never raises into its reader: a failure after the stream began is an event, because the
+HTTP status has already been sent. `ChatStream.aclose()` always runs (the response guarantees it): it closes the
+upstream, gives the connection slot back and writes the call's log line, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from enum import Enum
+from typing import Any
+
+import httpx
+from httpx_sse import EventSource
+from pydantic import ValidationError
+
+from src.core.errors import ErrorCode, LLMServiceError, ServiceError
+from src.core.llm.call_record import CallLog, CallRecord
+from src.core.llm.upstream_errors import malformed, redact_secrets, translate_upstream_errors
+from src.models.llm import StreamDelta, StreamDone, StreamError, StreamEvent, Usage
+
+DONE_SENTINEL = "[DONE]"
+SHUTDOWN_MESSAGE = "The service is shutting down; the answer was cut short. Retry on another instance."
+INTERNAL_MESSAGE = "The service failed unexpectedly."
+
+
+class StreamEnd(Enum):
+    """How a stream's reading ended, as far as the caller is concerned."""
+
+    DELIVERED = "delivered"
+    CLIENT_GONE = "client_gone"
+    SHUTDOWN = "shutdown"
+
+
+def parse_usage(value: object) -> Usage | None:
+    if not isinstance(value, dict):
+        return None
+    try:
+        return Usage.model_validate(value)
+    except ValidationError:
+        return None
+
+
+class ChatStream:
+    """An opened upstream stream, iterated as `StreamEvent`s; `aclose()` must always be called (it logs the call)."""
+
+    def __init__(
+        self,
+        *,
+        response: httpx.Response,
+        record: CallRecord,
+        call_log: CallLog,
+        release_slot: Callable[[], None],
+        keep_answer: bool,
+    ) -> None:
+        self._response = response
+        self._record = record
+        self._call_log = call_log
+        self._release_slot = release_slot
+        self._answer: list[str] | None = [] if keep_answer else None
+        self._closed = False
+        self._events = self._relay()
+
+    @property
+    def request_id(self) -> str:
+        return self._record.request_id
+
+    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        return self._events
+
+    def shutdown_event(self) -> StreamError:
+        """The last event of a stream cut short by the server's shutdown."""
+        return StreamError(
+            code=ErrorCode.SERVER_SHUTTING_DOWN, message=SHUTDOWN_MESSAGE, request_id=self._record.request_id
+        )
+
+    async def _relay(self) -> AsyncGenerator[StreamEvent, None]:
+        record = self._record
+        upstream_id: str | None = None
+        upstream_model: str | None = None
+        usage: Usage | None = None
+        completed = False
+        try:
+            with translate_upstream_errors():
+                async for sse in EventSource(self._response).aiter_sse():
+                    if sse.data == DONE_SENTINEL:
+                        completed = True
+                        break
+                    chunk = _chunk(sse.data)
+                    error = chunk.get("error")
+                    if sse.event == "error" or error:
+                        raise _error_in_stream(error)
+                    upstream_id = upstream_id or chunk.get("id")
+                    upstream_model = upstream_model or chunk.get("model")
+                    if chunk.get("usage"):
+                        usage = parse_usage(chunk["usage"])
+                    for content, finish_reason in _choices(chunk):
+                        if content:
+                            record.delivered(content)
+                            if self._answer is not None:
+                                self._answer.append(content)
+                            yield StreamDelta(content=content)
+                        if finish_reason:
+                            record.finish_reason = finish_reason
+            if not completed and record.finish_reason is None:
+                raise LLMServiceError(
+                    ErrorCode.UPSTREAM_ERROR,
+                    "The LLM provider ended the stream before the answer was complete.",
+                    status_code=502,
+                )
+            record.usage = usage
+            yield StreamDone(
+                id=upstream_id,
+                model=upstream_model,
+                request_id=record.request_id,
+                finish_reason=record.finish_reason,
+                usage=usage,
+            )
+        except ServiceError as exc:
+            record.code = exc.code
+            yield StreamError(code=exc.code, message=exc.message, request_id=record.request_id)
+        except Exception:
+            # The response has started: the middleware can no longer answer 500, so the stream says it.
+            self._call_log.unexpected("stream_relay_failed")
+            record.code = ErrorCode.INTERNAL_ERROR
+            yield StreamError(code=ErrorCode.INTERNAL_ERROR, message=INTERNAL_MESSAGE, request_id=record.request_id)
+
+    async def aclose(self, *, end: StreamEnd = StreamEnd.DELIVERED) -> None:
+        """Close the upstream (shielded: a disconnect cancels the caller), free the slot, log the call once."""
+        if self._closed:
+            return
+        self._closed = True
+        record = self._record
+        if end is StreamEnd.CLIENT_GONE:
+            record.cancelled = True
+        elif end is StreamEnd.SHUTDOWN:
+            record.code = ErrorCode.SERVER_SHUTTING_DOWN
+        if self._answer is not None:
+            record.answer = "".join(self._answer)
+        try:
+            await asyncio.shield(self._close_upstream())
+        finally:
+            self._release_slot()
+            self._call_log.emit(record)
+
+    async def _close_upstream(self) -> None:
+        try:
+            await self._events.aclose()
+        finally:
+            await self._response.aclose()
+
+
+def _chunk(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError as exc:
+        raise malformed("stream chunk") from exc
+    if not isinstance(chunk, dict):
+        raise malformed("stream chunk")
+    return chunk
+
+
+def _choices(chunk: dict[str, Any]) -> list[tuple[str | None, str | None]]:
+    """(content, finish_reason) of each choice in a chunk."""
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list):
+        raise malformed("stream chunk")
+    found: list[tuple[str | None, str | None]] = []
+    for choice in choices:
+        if not isinstance(choice, dict):
+            raise malformed("stream chunk")
+        delta = choice.get("delta")
+        content = delta.get("content") if isinstance(delta, dict) else None
+        found.append((content if isinstance(content, str) else None, choice.get("finish_reason")))
+    return found
+
+
+def _error_in_stream(error: object) -> LLMServiceError:
+    """An error the provider reported inside a stream that had already started."""
+    message = error.get("message") if isinstance(error, dict) else None
+    text = redact_secrets(message) if isinstance(message, str) and message.strip() else "The LLM provider failed."
+    return LLMServiceError(ErrorCode.UPSTREAM_ERROR, text, status_code=502)
