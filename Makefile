@@ -3,24 +3,48 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-from-lock
+# Runtime only (what production installs), and runtime + the `dev` extra (what `make install` puts in .venv/).
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
+# Where `make install-prod` puts the runtime-only virtualenv.
+PROD_VENV ?= .venv-prod
 HOST ?= 127.0.0.1
 PORT ?= 8000
 BENCH_ARGS ?=
+# Extra arguments for pytest (`make test PYTEST_ARGS='-k stream'`) and for both uv runs (`make lock LOCK_ARGS=--upgrade`).
+PYTEST_ARGS ?=
+LOCK_ARGS ?=
+LOCK_INDEX ?= https://pypi.org/simple
 PIP_QUIET := --disable-pip-version-check -q
+PIP_LOCKED := $(PIP_QUIET) --require-hashes -r
+# Hashed pins resolved for Python 3.11+ on every platform, from the public index (never a machine's own index or
+# pip config), with the lock header naming `make lock`.
+UV_COMPILE := pip compile pyproject.toml --quiet --no-config --universal --python-version 3.11 --generate-hashes \
+	--default-index $(LOCK_INDEX) --custom-compile-command 'make lock'
+CHECK_PYTHON := $(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required, found " + sys.version.split()[0]) \
+	if sys.version_info < (3, 11) else None'
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo run test lint fmt openapi lock bench-tools bench bench-compare soak clean
+.PHONY: help install install-prod system-deps demo run test lint fmt openapi lock bench bench-compare soak clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## Create .venv/ with every runtime and test dependency, pinned by requirements.lock
+install: $(STAMP) ## Create .venv/ with the runtime and dev dependencies, hash-checked from requirements-dev.lock
 
-$(STAMP): requirements.lock
-	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+$(STAMP): $(DEV_LOCK)
+	@$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install $(PIP_QUIET) -r requirements.lock
+	$(BIN)/python -m pip install $(PIP_LOCKED) $(DEV_LOCK)
 	touch $(STAMP)
+
+install-prod: ## Production: runtime dependencies only, hash-checked from requirements.lock, into PROD_VENV (.venv-prod)
+	@$(CHECK_PYTHON)
+	$(PYTHON) -m venv $(PROD_VENV)
+	$(PROD_VENV)/bin/python -m pip install $(PIP_LOCKED) $(LOCK)
+
+system-deps: ## Install the Debian packages the tests and bench use (nginx, tinyproxy, wrk) when missing (root only)
+	@$(PYTHON) scripts/system_deps.py
 
 demo: install ## Run the service on the bundled OFFLINE demo upstream (no OpenAI key needed); HOST/PORT honoured
 	@cd backend && ../$(BIN)/python -m src.devtools.demo --host $(HOST) --port $(PORT)
@@ -28,8 +52,8 @@ demo: install ## Run the service on the bundled OFFLINE demo upstream (no OpenAI
 run: install ## Run the service against the real upstream configured in .env (OPENAI_API_KEY, ...)
 	@$(BIN)/python -m uvicorn src.main:app --app-dir backend --host $(HOST) --port $(PORT) --no-access-log --ws none
 
-test: install ## Install what is missing and run the whole test suite (unit, integration, end-to-end)
-	$(BIN)/python -m pytest
+test: install system-deps ## Run the whole test suite (unit, integration, end-to-end) with coverage of backend/src (floor 90%)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install ## ruff (lint and format check) and mypy --strict
 	$(BIN)/ruff check .
@@ -43,14 +67,12 @@ fmt: install ## Format and auto-fix with ruff
 openapi: install ## Regenerate specs/003-llm-service/contracts/openapi.yaml from the app
 	cd backend && ../$(BIN)/python -m src.devtools.openapi
 
-lock: ## Re-pin requirements.lock from pyproject.toml
-	$(PYTHON) scripts/lock.py
+# The dev lock first, then the runtime lock constrained by it: production runs exactly the versions the tests ran.
+lock: install ## Re-pin requirements-dev.lock and requirements.lock (hashed) from pyproject.toml with uv
+	$(BIN)/uv $(UV_COMPILE) --extra dev $(LOCK_ARGS) -o $(DEV_LOCK)
+	$(BIN)/uv $(UV_COMPILE) --constraint $(DEV_LOCK) $(LOCK_ARGS) -o $(LOCK)
 
-bench-tools: ## Install wrk (the load generator) from the system's packages when it is missing
-	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } || \
-		{ echo "install wrk (Debian/Ubuntu: apt-get install wrk)"; exit 1; }
-
-bench: install bench-tools ## Benchmark direct upstream vs the service (wrk); prints a table, writes bench/results/latest.json
+bench: install system-deps ## Benchmark direct upstream vs the service (wrk); prints a table, writes bench/results/latest.json
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 bench-compare: install ## Compare bench/results/latest.json with bench/results/previous.json
@@ -59,5 +81,5 @@ bench-compare: install ## Compare bench/results/latest.json with bench/results/p
 soak: install ## 1,000 concurrent streams against a slow upstream: completion, errors, peak RSS
 	$(BIN)/python -m bench.soak $(BENCH_ARGS)
 
-clean: ## Remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+clean: ## Remove the virtualenv, caches and coverage data
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

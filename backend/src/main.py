@@ -14,10 +14,11 @@ from typing import TypedDict
 
 import httpx
 import structlog
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from src.api import health
+from src.api.deps import require_api_key
 from src.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
 from src.api.sse import StreamTimings
 from src.api.v1.router import api_router
@@ -74,7 +75,7 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
     )
     register_error_handlers(app)
     app.include_router(health.router)
-    app.include_router(api_router)
+    app.include_router(api_router, dependencies=[Depends(require_api_key)] if settings.service_api_keys else None)
     # add_middleware wraps what is there: the last added is the outermost (see api/middleware.py for the order).
     app.add_middleware(BodyLimitMiddleware, max_request_bytes=settings.max_request_bytes)
     if settings.cors_allow_origins:

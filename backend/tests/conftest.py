@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -15,35 +16,21 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from src.core.config import Settings
+from src.devtools.servers import clean_environment
 from src.main import create_app
 
 UPSTREAM = "https://upstream.test/v1"
 UPSTREAM_KEY = "sk-test-SECRET-upstream-key-0123456789"
 SERVICE_KEY = "svc-key-secret-42"
-SETTINGS_ENV_VARS = (
-    "OPENAI_API_KEY",
-    "OPENAI_BASE_URL",
-    "LLM_DEFAULT_MODEL",
-    "LLM_ALLOWED_MODELS",
-    "LLM_TIMEOUT_SECONDS",
-    "LLM_MAX_RETRIES",
-    "LLM_MAX_CONNECTIONS",
-    "LLM_POOL_TIMEOUT_SECONDS",
-    "SERVICE_API_KEYS",
-    "CORS_ALLOW_ORIGINS",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-    "LOG_PROMPTS",
-    "MAX_REQUEST_BYTES",
-    "LLM_DEMO_UPSTREAM",
-)
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's shell or .env must not change what the tests see."""
-    for name in SETTINGS_ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
+def pytest_configure(config: pytest.Config) -> None:
+    """A developer's shell must not change what the tests see: drop the service's settings, egress proxies and the
+    bundled upstream's variables from this process (servers started by the tests inherit the same clean
+    environment, and read no `.env`: see src/devtools/servers.py)."""
+    clean = clean_environment()
+    os.environ.clear()
+    os.environ.update(clean)
 
 
 def make_settings(**overrides: Any) -> Settings:

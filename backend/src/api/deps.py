@@ -45,7 +45,7 @@ LLMServiceDep = Annotated[LLMService, Depends(get_llm_service)]
 
 
 class ServiceKeyBearer(HTTPBearer):
-    """Bearer auth against SERVICE_API_KEYS: open when there are none, else one must match (constant-time).
+    """Bearer auth against SERVICE_API_KEYS: one must match (constant-time). Only installed when keys are set.
 
     A subclass rather than a dependency on `HTTPBearer`: the same OpenAPI security scheme, one dependency less
     to solve on every chat request.
@@ -53,8 +53,6 @@ class ServiceKeyBearer(HTTPBearer):
 
     async def __call__(self, request: HTTPConnection) -> HTTPAuthorizationCredentials | None:
         settings = await get_settings_of_app(request)
-        if not settings.service_api_keys:
-            return None
         credentials = await super().__call__(request)
         given = credentials.credentials.encode() if credentials is not None else b""
         # Compare with every key, without short-circuiting, so timing does not tell which key nearly matched.
@@ -70,5 +68,5 @@ class ServiceKeyBearer(HTTPBearer):
 
 
 require_api_key = ServiceKeyBearer(
-    auto_error=False, scheme_name="HTTPBearer", description="One of SERVICE_API_KEYS, when the service has any."
+    auto_error=False, scheme_name="HTTPBearer", description="One of SERVICE_API_KEYS."
 )

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 Role = Literal["system", "developer", "user", "assistant"]
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 StopSequence = Annotated[str, Field(min_length=1)]
 MAX_STOP_SEQUENCES = 4
+
+
+def _integral(value: object) -> object:
+    """JSON Schema's `integer` includes 1.0; strings, booleans and fractions stay rejected (strict ints)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# What the OpenAPI document promises: numbers are JSON numbers (never "1"), integers are integral numbers.
+JsonInt = Annotated[StrictInt, BeforeValidator(_integral)]
+JsonNumber = StrictFloat
 
 
 class _Request(BaseModel):
@@ -26,13 +38,13 @@ class LLMRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1, description="Conversation history, forwarded in order.")
     model: str | None = Field(default=None, min_length=1, max_length=256, description="Default: LLM_DEFAULT_MODEL.")
     stream: StrictBool = False
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: StrictInt | None = Field(default=None, ge=1, description="Sent upstream as `max_completion_tokens`.")
-    top_p: float | None = Field(default=None, ge=0, le=1)
+    temperature: JsonNumber | None = Field(default=None, ge=0, le=2)
+    max_tokens: JsonInt | None = Field(default=None, ge=1, description="Sent upstream as `max_completion_tokens`.")
+    top_p: JsonNumber | None = Field(default=None, ge=0, le=1)
     stop: StopSequence | Annotated[list[StopSequence], Field(min_length=1, max_length=MAX_STOP_SEQUENCES)] | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    seed: StrictInt | None = None
+    presence_penalty: JsonNumber | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: JsonNumber | None = Field(default=None, ge=-2, le=2)
+    seed: JsonInt | None = None
     reasoning_effort: ReasoningEffort | None = None
     user: str | None = Field(default=None, max_length=256)
 

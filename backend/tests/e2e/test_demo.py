@@ -48,5 +48,9 @@ def test_demo_serves_batch_and_stream_then_stops_on_ctrl_c() -> None:
     assert "stopping" in rest
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-    startup = [json.loads(line) for line in (output + rest).splitlines() if line.startswith("{")]
-    assert any(line["event"] == "offline_demo_upstream" for line in startup)
+    lines = [json.loads(line) for line in (output + rest).splitlines() if line.startswith("{")]
+    demo_line = next(line for line in lines if line["event"] == "offline_demo_upstream")
+    assert demo_line["upstream"].startswith("http://127.0.0.1:")
+    # Ctrl-C ran the app's own shutdown, and nothing crashed on the way out.
+    assert any(line["event"] == "service_stopped" for line in lines)
+    assert "Traceback" not in output + rest

@@ -159,8 +159,13 @@ def test_client_disconnect_mid_stream_closes_the_upstream(stack: Stack) -> None:
             b"Content-Length: " + str(len(request)).encode() + b"\r\n\r\n" + request
         )
         received = b""
-        while b"event: delta" not in received:
-            received += raw.recv(65536)
+        deadline = time.monotonic() + 5
+        while b"event: delta" not in received and time.monotonic() < deadline:
+            chunk = raw.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        assert b"event: delta" in received
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
         after = _mock_stats(stack)
@@ -217,10 +222,19 @@ def test_cli_unreachable_exits_3() -> None:
     assert "cannot reach" in result.stderr
 
 
+def _log_lines_until(stack: Stack, request_id: str) -> list[str]:
+    """The service's log lines, once its `llm_call` line for `request_id` is written (with a deadline)."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = stack.service_log.read_text().splitlines()
+        if any(request_id in line and '"llm_call"' in line for line in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
+
+
 def test_service_log_is_json_lines_without_secrets(stack: Stack) -> None:
-    _post(stack, chat_body("private words here"))
-    time.sleep(0.2)
-    lines = stack.service_log.read_text().splitlines()
+    response = _post(stack, chat_body("private words here"))
+    lines = _log_lines_until(stack, response.headers["x-request-id"])
     parsed = [json.loads(line) for line in lines]
     events = {line["event"] for line in parsed}
     assert {"request", "llm_call", "offline_demo_upstream"} <= events

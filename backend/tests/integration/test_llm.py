@@ -111,6 +111,16 @@ async def test_all_parameters_are_forwarded_and_max_tokens_is_renamed(
         assert sent[name] == params[name], name
 
 
+async def test_integral_numbers_are_integers_as_json_schema_says(
+    client: httpx.AsyncClient, upstream: respx.MockRouter
+) -> None:
+    route = upstream.post("/chat/completions").respond(200, json=completion())
+    response = await client.post(CHAT, json=chat_body(max_tokens=5.0, seed=3.0, temperature=1))
+    assert response.status_code == 200
+    sent = upstream_json(route)
+    assert (sent["max_completion_tokens"], sent["seed"], sent["temperature"]) == (5, 3, 1.0)
+
+
 async def test_stop_may_be_a_single_string(client: httpx.AsyncClient, upstream: respx.MockRouter) -> None:
     route = upstream.post("/chat/completions").respond(200, json=completion(finish_reason="stop"))
     response = await client.post(CHAT, json=chat_body(stop="\n"))
@@ -160,6 +170,9 @@ INVALID_BODIES = {
     "too_many_stops": (chat_body(stop=["a", "b", "c", "d", "e"]), "stop"),
     "penalty_out_of_range": (chat_body(presence_penalty=3), "presence_penalty"),
     "seed_not_int": (chat_body(seed="7"), "seed"),
+    "seed_fraction": (chat_body(seed=7.5), "seed"),
+    "max_tokens_bool": (chat_body(max_tokens=True), "max_tokens"),
+    "temperature_as_string": (chat_body(temperature="1"), "temperature"),
     "bad_reasoning_effort": (chat_body(reasoning_effort="extreme"), "reasoning_effort"),
     "stream_not_bool": (chat_body(stream="yes"), "stream"),
 }
@@ -198,6 +211,24 @@ async def test_unknown_route_uses_the_envelope(client: httpx.AsyncClient) -> Non
     response = await client.get("/api/v1/nope")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+async def test_wrong_method_is_405_in_the_envelope_with_allow(client: httpx.AsyncClient) -> None:
+    response = await client.get(CHAT)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    error = response.json()["error"]
+    assert error["code"] == "method_not_allowed"
+    assert error["request_id"] == response.headers["x-request-id"]
+
+
+async def test_openapi_declares_the_bearer_only_when_keys_are_configured(app_client: Callable[..., Any]) -> None:
+    async with app_client() as (open_client, _, _):
+        open_spec = (await open_client.get("/openapi.json")).json()
+    async with app_client(make_settings(service_api_keys=SERVICE_KEY)) as (keyed_client, _, _):
+        keyed_spec = (await keyed_client.get("/openapi.json")).json()
+    assert "security" not in open_spec["paths"][CHAT]["post"]
+    assert keyed_spec["paths"][CHAT]["post"]["security"] == [{"HTTPBearer": []}]
 
 
 # --- body size -----------------------------------------------------------------------------------------------------
@@ -673,10 +704,14 @@ async def test_stream_client_disconnect_closes_upstream_and_logs_cancelled(
 async def test_stream_pool_exhausted_answers_503_quickly(
     app_client: Callable[..., Any], upstream: respx.MockRouter
 ) -> None:
+    holding = asyncio.Event()
+    release = asyncio.Event()
+
     class Held(httpx.AsyncByteStream):
         async def __aiter__(self) -> AsyncIterator[bytes]:
             yield sse_chunks(["x"]).split(b"\n\n")[0] + b"\n\n"
-            await asyncio.sleep(0.5)
+            holding.set()
+            await release.wait()
             yield sse_chunks(["x"]).split(b"\n\n", 1)[1]
 
     upstream.post("/chat/completions").mock(
@@ -685,11 +720,12 @@ async def test_stream_pool_exhausted_answers_503_quickly(
     settings = make_settings(llm_max_connections=1, llm_pool_timeout_seconds=0.05)
     async with app_client(settings) as (client, _, _):
         holder = asyncio.create_task(client.post(CHAT, json=chat_body(stream=True)))
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(holding.wait(), timeout=5)
         started = asyncio.get_running_loop().time()
         refused = await client.post(CHAT, json=chat_body())
         waited = asyncio.get_running_loop().time() - started
-        held = await holder
+        release.set()
+        held = await asyncio.wait_for(holder, timeout=5)
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "upstream_unavailable"
     assert refused.headers["retry-after"] == "1"

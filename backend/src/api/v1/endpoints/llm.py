@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from src.api.abandonment import unless_abandoned
-from src.api.deps import LLMServiceDep, request_id_of, require_api_key, stream_timings_of
+from src.api.deps import LLMServiceDep, request_id_of, stream_timings_of
 from src.api.sse import EventStreamResponse
 from src.models.llm import ErrorEnvelope, LLMRequest, LLMResponse
 
@@ -35,7 +35,9 @@ CHAT_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     504: _error("upstream_timeout"),
 }
 
-router = APIRouter(prefix="/llm", tags=["llm"], dependencies=[Depends(require_api_key)])
+# Service-key auth is added by `create_app` when keys are configured, so the OpenAPI document says exactly
+# whether a bearer is required.
+router = APIRouter(prefix="/llm", tags=["llm"])
 
 
 @router.post(
