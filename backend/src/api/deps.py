@@ -67,6 +67,4 @@ class ServiceKeyBearer(HTTPBearer):
         return credentials
 
 
-require_api_key = ServiceKeyBearer(
-    auto_error=False, scheme_name="HTTPBearer", description="One of SERVICE_API_KEYS."
-)
+require_api_key = ServiceKeyBearer(auto_error=False, scheme_name="HTTPBearer", description="One of SERVICE_API_KEYS.")
