@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from src.api import health
 from src.api.deps import require_api_key
 from src.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
+from src.api.openapi import install_openapi
 from src.api.sse import StreamTimings
 from src.api.v1.router import api_router
 from src.core.config import Settings, get_settings
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
         keepalive_seconds=settings.llm_stream_keepalive_seconds,
         send_timeout_seconds=settings.llm_stream_send_timeout_seconds,
     )
+    install_openapi(app, settings)
     register_error_handlers(app)
     app.include_router(health.router)
     app.include_router(api_router, dependencies=[Depends(require_api_key)] if settings.service_api_keys else None)

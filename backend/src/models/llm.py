@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 Role = Literal["system", "developer", "user", "assistant"]
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
@@ -19,8 +19,8 @@ def _integral(value: object) -> object:
     return value
 
 
-# What the OpenAPI document promises: numbers are JSON numbers (never "1"), integers are integral numbers.
-JsonInt = Annotated[StrictInt, BeforeValidator(_integral)]
+# What the OpenAPI document promises: numbers are JSON numbers (never "1"); integers are integral numbers
+# (StrictInt fields of requests also take 1.0, by the `_integral` validator on the model).
 JsonNumber = StrictFloat
 
 
@@ -39,14 +39,19 @@ class LLMRequest(_Request):
     model: str | None = Field(default=None, min_length=1, max_length=256, description="Default: LLM_DEFAULT_MODEL.")
     stream: StrictBool = False
     temperature: JsonNumber | None = Field(default=None, ge=0, le=2)
-    max_tokens: JsonInt | None = Field(default=None, ge=1, description="Sent upstream as `max_completion_tokens`.")
+    max_tokens: StrictInt | None = Field(default=None, ge=1, description="Sent upstream as `max_completion_tokens`.")
     top_p: JsonNumber | None = Field(default=None, ge=0, le=1)
     stop: StopSequence | Annotated[list[StopSequence], Field(min_length=1, max_length=MAX_STOP_SEQUENCES)] | None = None
     presence_penalty: JsonNumber | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: JsonNumber | None = Field(default=None, ge=-2, le=2)
-    seed: JsonInt | None = None
+    seed: StrictInt | None = None
     reasoning_effort: ReasoningEffort | None = None
     user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("max_tokens", "seed", mode="before")
+    @classmethod
+    def _integral_numbers(cls, value: object) -> object:
+        return _integral(value)
 
 
 class Usage(BaseModel):

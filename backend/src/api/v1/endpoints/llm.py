@@ -47,8 +47,8 @@ router = APIRouter(prefix="/llm", tags=["llm"])
         200: {
             "description": "The answer",
             "content": {
+                # The events' schemas (`itemSchema`) are added by api/openapi.py.
                 "text/event-stream": {
-                    "schema": {"type": "string", "description": _STREAM_DESCRIPTION},
                     "example": 'event: delta\ndata: {"content":"Hi"}\n\nevent: done\ndata: {"id":"chatcmpl-1",'
                     '"model":"gpt-5-mini","request_id":"r1","finish_reason":"stop","usage":null}\n\n',
                 }

@@ -1,0 +1,69 @@
+"""The OpenAPI document, made to say exactly what this instance accepts and answers.
+
+FastAPI's generated document, plus what it cannot know by itself: the named events of the chat stream (with
+their schemas, as OpenAPI 3.2's `itemSchema` describes an event stream), and the allowed models when an
+allowlist is configured (`model` becomes an enum). Installed the way FastAPI's docs extend OpenAPI: by giving the
+app its own `openapi()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from src.core.config import Settings
+from src.models.llm import StreamDelta, StreamDone, StreamError
+
+CHAT_PATH = "/api/v1/llm/chat"
+EVENT_STREAM = "text/event-stream"
+STREAM_EVENTS: dict[str, type[BaseModel]] = {"delta": StreamDelta, "done": StreamDone, "error": StreamError}
+_REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    allowed_models = list(settings.llm_allowed_models)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            _describe_stream_events(document)
+            if allowed_models:
+                _restrict_models(document, allowed_models)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _describe_stream_events(document: dict[str, Any]) -> None:
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    variants = []
+    for name, model in STREAM_EVENTS.items():
+        schema = model.model_json_schema(ref_template=_REF_TEMPLATE)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        variants.append(
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"const": name},
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": _REF_TEMPLATE.format(model=model.__name__)},
+                    },
+                    "id": {"type": "string"},
+                },
+            }
+        )
+    stream = document["paths"][CHAT_PATH]["post"]["responses"]["200"]["content"][EVENT_STREAM]
+    stream["itemSchema"] = {"oneOf": variants}
+
+
+def _restrict_models(document: dict[str, Any], allowed_models: list[str]) -> None:
+    model = document["components"]["schemas"]["LLMRequest"]["properties"]["model"]
+    model["anyOf"] = [{"type": "string", "enum": allowed_models}, {"type": "null"}]

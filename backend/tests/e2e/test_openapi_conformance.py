@@ -1,0 +1,73 @@
+"""schemathesis, with its default checks, against the running service's own /openapi.json: it finds nothing.
+
+The document must say exactly what the service accepts and answers: auth only when keys are configured, JSON
+numbers and integers as JSON Schema means them, every status the route can answer, the stream's events. The
+allowlist makes `model` an enum, so generated requests name models the bundled upstream serves with any
+parameter (gpt-5 models reject non-default temperatures upstream, a rule no schema of ours can carry).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from src.devtools.servers import ServerProcess, start_mock_upstream, start_service
+
+pytestmark = pytest.mark.e2e
+
+SERVICE_KEY = "svc-schemathesis-key"
+# Fixed, so a finding reproduces; enough examples to reach every parameter and both response kinds.
+SEED = "20261125"
+MAX_EXAMPLES = "150"
+RUN_TIMEOUT_SECONDS = 300
+BASE_ENV = {
+    "LLM_ALLOWED_MODELS": "gpt-4.1-mini,gpt-4o-mini",
+    "LLM_DEFAULT_MODEL": "gpt-4.1-mini",
+    "LLM_MAX_RETRIES": "0",
+    "LLM_TIMEOUT_SECONDS": "5",
+}
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log = (tmp_path_factory.mktemp("schemathesis") / "upstream.log").open("wb")
+    server = start_mock_upstream(delay_ms=0, output=log)
+    try:
+        yield server
+    finally:
+        server.stop()
+        log.close()
+
+
+@pytest.mark.parametrize("keys", [None, SERVICE_KEY], ids=["open", "with_service_keys"])
+def test_schemathesis_default_checks_find_nothing(upstream: ServerProcess, tmp_path: Path, keys: str | None) -> None:
+    env = {**BASE_ENV, **({"SERVICE_API_KEYS": keys} if keys else {})}
+    with (tmp_path / "service.log").open("wb") as log:
+        service = start_service(upstream_url=upstream.url, env=env, output=log)
+        try:
+            command = [
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "run",
+                f"{service.url}/openapi.json",
+                "--max-examples",
+                MAX_EXAMPLES,
+                "--seed",
+                SEED,
+                "--output-sanitize",
+                "false",
+            ]
+            if keys:
+                command += ["--header", f"Authorization: Bearer {keys}"]
+            result = subprocess.run(
+                command, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS, check=False
+            )
+        finally:
+            service.stop()
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "No issues found" in result.stdout
