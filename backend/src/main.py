@@ -48,7 +48,6 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
     async def lifespan(_: FastAPI) -> AsyncIterator[AppState]:
         client = OpenAIClient.from_settings(settings, http_client=http_client)
         _log_upstream(log, settings, client)
-        drain = Drain(grace_seconds=settings.llm_shutdown_grace_seconds)
         drain.chain_server_signals()
         service = LLMService(client=client, settings=settings, drain=drain)
         # In the background: startup never waits for (or fails on) the upstream.
@@ -68,8 +67,11 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
                 await client.aclose()
             log.info("service_stopped")
 
+    # The process's drain state: begun by the server's stop signal (chained in the lifespan), read by every call.
+    drain = Drain(grace_seconds=settings.llm_shutdown_grace_seconds)
     app = FastAPI(title=SERVICE_TITLE, version=SERVICE_VERSION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.drain = drain
     app.state.stream_timings = StreamTimings(
         keepalive_seconds=settings.llm_stream_keepalive_seconds,
         send_timeout_seconds=settings.llm_stream_send_timeout_seconds,

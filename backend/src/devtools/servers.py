@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -47,6 +48,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """A server certificate and key, and the CA that signed them (to check the server is up)."""
+
+    certfile: Path
+    keyfile: Path
+    cafile: Path
+
+
 @dataclass
 class ServerProcess:
     name: str
@@ -64,13 +74,15 @@ class ServerProcess:
                 self.process.wait()
         return self.process.returncode
 
-    def wait_ready(self, path: str = "/health", timeout: float = READY_TIMEOUT_SECONDS) -> None:
+    def wait_ready(
+        self, path: str = "/health", timeout: float = READY_TIMEOUT_SECONDS, verify: ssl.SSLContext | bool = True
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode} before it was ready")
             try:
-                if httpx.get(self.url + path, timeout=1.0).status_code < 500:
+                if httpx.get(self.url + path, timeout=1.0, verify=verify).status_code < 500:
                     return
             except httpx.TransportError:
                 time.sleep(0.05)
@@ -83,17 +95,25 @@ def start_mock_upstream(
     host: str = "127.0.0.1",
     port: int | None = None,
     delay_ms: float | None = None,
+    api_key: str | None = None,
+    tls: ServerTLS | None = None,
     output: IO[bytes] | int | None = None,
 ) -> ServerProcess:
+    """The bundled upstream; `api_key` makes it reject any other key, `tls` serves HTTPS."""
     port = port or free_port(host)
     command = [sys.executable, "-m", "src.devtools.mock_openai", "--host", host, "--port", str(port)]
     if delay_ms is not None:
         command += ["--delay-ms", str(delay_ms)]
+    if api_key is not None:
+        command += ["--api-key", api_key]
+    if tls is not None:
+        command += ["--ssl-certfile", str(tls.certfile), "--ssl-keyfile", str(tls.keyfile)]
     process = subprocess.Popen(
         command, cwd=BACKEND_DIR, env=clean_environment(), stdout=output, stderr=output, start_new_session=True
     )
-    server = ServerProcess("bundled upstream", process, f"http://{host}:{port}")
-    server.wait_ready()
+    scheme = "https" if tls is not None else "http"
+    server = ServerProcess("bundled upstream", process, f"{scheme}://{host}:{port}")
+    server.wait_ready(verify=ssl.create_default_context(cafile=tls.cafile) if tls is not None else True)
     return server
 
 

@@ -85,7 +85,8 @@ class CallLog:
             return
         fields["code"] = record.code
         if record.rejection is not None:
-            fields["upstream_status"] = record.rejection.status
+            if record.rejection.status is not None:
+                fields["upstream_status"] = record.rejection.status
             fields["upstream_message"] = record.rejection.message
         self._log.warning("llm_call", **fields)
 

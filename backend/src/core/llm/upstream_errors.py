@@ -35,10 +35,16 @@ def redact_secrets(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamRejection:
-    """What an upstream error answer said, for the operator's log line: its status and its own (redacted) message."""
+    """Why the upstream failed a call, for the operator's log line: its status and its own (redacted) message, or
+    (no status) what went wrong with the connection when that tells the operator what to fix."""
 
-    status: int
+    status: int | None
     message: str | None
+
+
+UNTRUSTED_CERTIFICATE_MESSAGE = (
+    "The upstream's TLS certificate was not trusted (add its CA to the OS trust store or SSL_CERT_FILE)."
+)
 
 
 def upstream_message(exc: openai.APIError) -> str | None:
@@ -54,6 +60,8 @@ def upstream_message(exc: openai.APIError) -> str | None:
 def rejection_of(exc: BaseException) -> UpstreamRejection | None:
     if isinstance(exc, openai.APIStatusError):
         return UpstreamRejection(exc.status_code, upstream_message(exc))
+    if is_untrusted_certificate(exc):
+        return UpstreamRejection(None, UNTRUSTED_CERTIFICATE_MESSAGE)
     return None
 
 
