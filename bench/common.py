@@ -14,7 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "backend"))
 
 from src.devtools.mock_openai import FILLER_WORDS  # noqa: E402
-from src.devtools.servers import DEMO_API_KEY, ServerProcess, start_mock_upstream, start_service  # noqa: E402
+from src.devtools.servers import (  # noqa: E402
+    BACKEND_DIR,
+    DEMO_API_KEY,
+    ServerProcess,
+    start_mock_upstream,
+    start_service,
+)
 
 __all__ = ["DEMO_API_KEY", "FILLER_WORDS"]
 
@@ -96,12 +102,22 @@ class Stack(ExitStack):
         self.callback(self.upstream.stop)
         return self.upstream
 
-    def start_service(self, *, workers: int, env: dict[str, str] | None = None) -> ServerProcess:
+    def start_service(
+        self, *, workers: int, env: dict[str, str] | None = None, backend_dir: Path | None = None
+    ) -> ServerProcess:
         assert self.upstream is not None
-        log: IO[bytes] = self.enter_context(open(self.log_dir / f"service-{workers}w.log", "wb"))  # noqa: SIM115
-        # Everything of the v1 contract stays on: JSON logs at INFO (to a file), request ids, error mapping.
+        name = f"service-{workers}w" + ("-baseline" if backend_dir else "")
+        log: IO[bytes] = self.enter_context(open(self.log_dir / f"{name}.log", "wb"))  # noqa: SIM115
+        # Everything stays on: JSON logs at INFO (to a file), request ids, auth, error mapping, keep-alive,
+        # send timeouts, the drain, the startup check.
         service_env = {"LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "SERVICE_API_KEYS": SERVICE_KEY, **(env or {})}
-        service = start_service(upstream_url=self.upstream.url, workers=workers, env=service_env, output=log)
+        service = start_service(
+            upstream_url=self.upstream.url,
+            workers=workers,
+            env=service_env,
+            output=log,
+            backend_dir=backend_dir or BACKEND_DIR,
+        )
         self.callback(service.stop)
         return service
 

@@ -28,14 +28,14 @@ WRK_THREADS = {1: 1, 32: 2}
 _LATENCY_LINE = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
-# The targets, checked against the numbers of this run.
-TARGET_ADDED_BATCH_MS = 1.0
-TARGET_ADDED_STREAM_MS = 2.5
-TARGET_ADDED_TTFT_MS = 1.0
+# The maintainability issue's targets (public APIs only cost a little), checked against the numbers of this run.
+TARGET_ADDED_BATCH_MS = 1.5
+TARGET_ADDED_STREAM_MS = 3.0
+TARGET_ADDED_TTFT_MS = 1.5
 TARGET_BATCH_RPS = 1000
 TARGET_STREAM_RPS = 400
 TARGET_P99_OVER_P50 = 3.0
-TARGET_IDLE_RSS_MIB = 80
+TARGET_IDLE_RSS_MIB = 100
 DIRECT_HEADROOM = 5.0
 
 
@@ -217,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttft-requests", type=int, default=200)
     parser.add_argument("--workers", default="1,2", help="service worker counts to measure")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="the backend/ directory of another checkout (e.g. a `git worktree` of an older commit): its service "
+        "is measured in the same run, as a before/after row",
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("bench: wrk is not installed (`make bench` installs it: apt-get install wrk)", file=sys.stderr)
@@ -229,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             service = stack.start_service(workers=workers)
             name = "through the service" + ("" if workers == 1 else f", {workers} workers")
             targets.append(service_target(name, service))
+        if args.baseline is not None:
+            baseline = stack.start_service(workers=1, backend_dir=args.baseline.resolve())
+            targets.append(service_target(f"baseline ({args.baseline})", baseline))
         results = [
             measure(
                 target, seconds=args.seconds, words=args.words, ttft_requests=args.ttft_requests, directory=directory

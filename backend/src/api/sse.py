@@ -50,27 +50,25 @@ class StreamTimings:
     send_timeout_seconds: float
 
 
-class ClientStalledError(Exception):
-    """A write made no progress for the send timeout: the reader stopped reading."""
-
-
 class _Writer:
-    """Body writes from the relay and the keep-alive ticker, one at a time, each bounded by the send timeout."""
+    """Body writes from the relay and the keep-alive ticker, one at a time.
 
-    def __init__(self, send: Send, *, send_timeout_seconds: float) -> None:
+    A write blocks while the client's TCP window is full; the ticker (not a timer per write, which would cost
+    on every event) ends the stream when one has made no progress for the send timeout.
+    """
+
+    def __init__(self, send: Send) -> None:
         self._send = send
-        self._send_timeout = send_timeout_seconds
         self._lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self.last_write = self._loop.time()
+        self.writing_since: float | None = None
 
     async def write(self, message: Message) -> None:
         async with self._lock:
-            try:
-                async with asyncio.timeout(self._send_timeout):
-                    await self._send(message)
-            except TimeoutError as exc:
-                raise ClientStalledError from exc
+            self.writing_since = self._loop.time()
+            await self._send(message)
+            self.writing_since = None
             self.last_write = self._loop.time()
 
     async def body(self, data: bytes) -> None:
@@ -101,7 +99,10 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = asyncio.current_task()
         assert relay is not None
-        writer = _Writer(send, send_timeout_seconds=self._timings.send_timeout_seconds)
+        writer = _Writer(send)
+        keepalive, send_timeout = self._timings.keepalive_seconds, self._timings.send_timeout_seconds
+        # The ticker wakes at least this often, so a stalled write is noticed within a quarter of the timeout.
+        stall_check = send_timeout / 4
         interrupted: StreamEnd | None = None
         finished = False
         stalled = False
@@ -118,23 +119,33 @@ class EventStreamResponse(Response):
             # Servers also report a disconnect once the response is complete; that is not a client leaving.
             interrupt(StreamEnd.CLIENT_GONE)
 
-        async def keep_alive() -> None:
-            try:
-                while True:
-                    silent_for = self._loop_time() - writer.last_write
-                    if silent_for >= self._timings.keepalive_seconds:
-                        await writer.body(KEEPALIVE_COMMENT)
-                        continue
-                    await asyncio.sleep(self._timings.keepalive_seconds - silent_for)
-            except ClientStalledError:
-                nonlocal stalled
-                stalled = True
-                interrupt(StreamEnd.CLIENT_GONE)
-            except OSError:
-                interrupt(StreamEnd.CLIENT_GONE)
+        async def tick() -> None:
+            """Keep-alive comments while the stream is silent; the end of a stream whose reader stopped reading."""
+            nonlocal stalled
+            while True:
+                now = self._loop_time()
+                if writer.writing_since is not None and now - writer.writing_since >= send_timeout:
+                    stalled = True
+                    interrupt(StreamEnd.CLIENT_GONE)
+                    return
+                silent_for = now - writer.last_write
+                if writer.writing_since is None and silent_for >= keepalive:
+                    try:
+                        async with asyncio.timeout(send_timeout):
+                            await writer.body(KEEPALIVE_COMMENT)
+                    except TimeoutError:
+                        stalled = True
+                        interrupt(StreamEnd.CLIENT_GONE)
+                        return
+                    except OSError:
+                        interrupt(StreamEnd.CLIENT_GONE)
+                        return
+                    continue
+                idle_wait = keepalive - silent_for if writer.writing_since is None else stall_check
+                await asyncio.sleep(min(idle_wait, stall_check))
 
         watcher = asyncio.create_task(watch_for_disconnect())
-        ticker = asyncio.create_task(keep_alive())
+        ticker = asyncio.create_task(tick())
         unsubscribe = self._drain.subscribe(lambda: interrupt(StreamEnd.SHUTDOWN))
         end = StreamEnd.DELIVERED
         try:
@@ -149,9 +160,6 @@ class EventStreamResponse(Response):
             # Our own cancellation (a watcher's): handled here, so the task is no longer being cancelled.
             relay.uncancel()
             end = interrupted
-        except ClientStalledError:
-            stalled = True
-            end = StreamEnd.CLIENT_GONE
         except OSError:
             # ASGI spec 2.4 servers raise on a write to a closed connection instead of reporting a disconnect.
             end = StreamEnd.CLIENT_GONE
@@ -161,9 +169,7 @@ class EventStreamResponse(Response):
             unsubscribe()
             if stalled:
                 log.warning(
-                    "stream_client_stalled",
-                    request_id=self._stream.request_id,
-                    send_timeout_seconds=self._timings.send_timeout_seconds,
+                    "stream_client_stalled", request_id=self._stream.request_id, send_timeout_seconds=send_timeout
                 )
             if end is StreamEnd.SHUTDOWN:
                 await self._say_shutting_down(writer)
@@ -171,9 +177,10 @@ class EventStreamResponse(Response):
 
     async def _say_shutting_down(self, writer: _Writer) -> None:
         try:
-            await writer.body(self._encode(self._stream.shutdown_event()))
-            await writer.write(_END_OF_BODY)
-        except (ClientStalledError, OSError):
+            async with asyncio.timeout(self._timings.send_timeout_seconds):
+                await writer.body(self._encode(self._stream.shutdown_event()))
+                await writer.write(_END_OF_BODY)
+        except (TimeoutError, OSError):
             log.warning("stream_shutdown_event_not_delivered", request_id=self._stream.request_id)
 
     @staticmethod

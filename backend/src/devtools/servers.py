@@ -125,9 +125,10 @@ def start_service(
     workers: int = 1,
     env: dict[str, str] | None = None,
     output: IO[bytes] | int | None = None,
+    backend_dir: Path = BACKEND_DIR,
 ) -> ServerProcess:
     """The real service under uvicorn, configured only by `env`; with `upstream_url` it is wired to that upstream
-    with a placeholder key (`env` may still name another key)."""
+    with a placeholder key (`env` may still name another key). `backend_dir` runs another checkout's code."""
     port = port or free_port(host)
     service_env = {**clean_environment(), ENV_FILE_VARIABLE: ""}
     if upstream_url is not None:
@@ -140,7 +141,7 @@ def start_service(
         "uvicorn",
         "src.main:app",
         "--app-dir",
-        str(BACKEND_DIR),
+        str(backend_dir),
         "--host",
         host,
         "--port",
@@ -157,7 +158,7 @@ def start_service(
     # A session of its own: a Ctrl-C in the terminal reaches only the launcher, which stops each server once
     # (a second SIGINT would make uvicorn skip the app's shutdown).
     process = subprocess.Popen(
-        command, cwd=BACKEND_DIR, env=service_env, stdout=output, stderr=output, start_new_session=True
+        command, cwd=backend_dir, env=service_env, stdout=output, stderr=output, start_new_session=True
     )
     server = ServerProcess("service", process, f"http://{host}:{port}")
     server.wait_ready()
