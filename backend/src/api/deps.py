@@ -40,7 +40,6 @@ def stream_timings_of(request: Request) -> StreamTimings:
     return timings
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings_of_app)]
 LLMServiceDep = Annotated[LLMService, Depends(get_llm_service)]
 
 

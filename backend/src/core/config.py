@@ -82,10 +82,6 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @property
-    def llm_configured(self) -> bool:
-        return self.openai_api_key is not None
-
 
 def settings_file() -> Path | None:
     """The settings file: `LLM_ENV_FILE` when it is set (empty: none), else the repository's `.env`."""

@@ -25,7 +25,7 @@ class Drain:
 
     def __init__(self, *, grace_seconds: float) -> None:
         self._grace_seconds = grace_seconds
-        self._expired = asyncio.Event()
+        self._expired = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._previous: dict[int, SignalHandler] = {}
         self._on_expiry: set[Callable[[], None]] = set()
@@ -34,10 +34,7 @@ class Drain:
 
     @property
     def expired(self) -> bool:
-        return self._expired.is_set()
-
-    async def wait_expired(self) -> None:
-        await self._expired.wait()
+        return self._expired
 
     def subscribe(self, on_expiry: Callable[[], None]) -> Callable[[], None]:
         """Call `on_expiry` when the grace ends (at once if it has); returns the function that unsubscribes."""
@@ -56,7 +53,7 @@ class Drain:
         asyncio.get_running_loop().call_later(self._grace_seconds, self._expire)
 
     def _expire(self) -> None:
-        self._expired.set()
+        self._expired = True
         waiting, self._on_expiry = self._on_expiry, set()
         if waiting:
             self._log.warning("grace_expired", interrupted_calls=len(waiting))

@@ -196,8 +196,11 @@ def test_without_a_server_handler_the_drain_installs_nothing() -> None:
 
 async def test_subscribing_after_the_grace_ended_is_told_at_once() -> None:
     drain = Drain(grace_seconds=0)
+    expired = asyncio.Event()
+    drain.subscribe(expired.set)
     drain.begin()
-    await asyncio.wait_for(drain.wait_expired(), timeout=5)
+    await asyncio.wait_for(expired.wait(), timeout=5)
+    assert drain.expired
     told: list[bool] = []
     drain.subscribe(lambda: told.append(True))()
     assert told == [True]
