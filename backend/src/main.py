@@ -17,16 +17,22 @@ import structlog
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from src.api import health
-from src.api.deps import require_api_key
+from src.api import health, metrics
+from src.api.deps import require_admin_key, require_chat_key
 from src.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
 from src.api.openapi import install_openapi
 from src.api.sse import StreamTimings
-from src.api.v1.router import api_router
+from src.api.v1.router import chat_router, operator_router
 from src.core.config import Settings, get_settings
 from src.core.errors import register_error_handlers
+from src.core.keys import Access, KeysFileError, load_access
+from src.core.ledger import Ledger
+from src.core.limits import build_limiter
+from src.core.llm.accounting import CallAccounting
+from src.core.llm.call_record import CallLog
 from src.core.llm.client import OpenAIClient, environment_proxies
 from src.core.llm.service import LLMService
+from src.core.metrics import Metrics
 from src.core.shutdown import Drain
 from src.utils.logging import configure_logging
 
@@ -36,20 +42,41 @@ SERVICE_VERSION = "1.1.0"
 
 class AppState(TypedDict):
     llm_service: LLMService
+    ledger: Ledger
 
 
 def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClient | None = None) -> FastAPI:
-    """Build the app; `http_client` replaces the upstream transport (tests inject a respx-mocked one)."""
+    """Build the app; `http_client` replaces the upstream transport (tests inject a respx-mocked one).
+
+    Raises `KeysFileError` for a malformed SERVICE_KEYS_FILE or a key that is both a chat and an admin key.
+    """
     settings = settings or get_settings()
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     log = structlog.get_logger("startup")
+    access = load_access(
+        keys_file=settings.service_keys_file,
+        service_api_keys=settings.service_api_keys,
+        admin_api_keys=settings.admin_api_keys,
+    )
+    metrics_recorder = Metrics(directory=settings.metrics_dir)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[AppState]:
+        metrics_recorder.open()
         client = OpenAIClient.from_settings(settings, http_client=http_client)
-        _log_upstream(log, settings, client)
+        _log_upstream(log, settings, client, access)
         drain.chain_server_signals()
-        service = LLMService(client=client, settings=settings, drain=drain)
+        ledger = Ledger(settings.database_url, on_dropped=metrics_recorder.ledger_rows_dropped)
+        await ledger.start()
+        limiter = build_limiter(settings.redis_url, on_redis_error=metrics_recorder.redis_error)
+        accounting = CallAccounting(
+            call_log=CallLog(),
+            limiter=limiter,
+            ledger=ledger,
+            metrics=metrics_recorder,
+            default_token_reserve=settings.llm_default_token_reserve,
+        )
+        service = LLMService(client=client, settings=settings, drain=drain, accounting=accounting)
         # In the background: startup never waits for (or fails on) the upstream.
         upstream_check = asyncio.create_task(service.check_upstream()) if settings.llm_startup_check else None
         # Everything alive now (modules, the SDK's ~1,000 type modules, schemas) lives as long as the process.
@@ -58,13 +85,17 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
         gc.collect()
         gc.freeze()
         try:
-            yield {"llm_service": service}
+            yield {"llm_service": service, "ledger": ledger}
         finally:
             if upstream_check is not None:
                 upstream_check.cancel()
             drain.restore_server_signals()
             if client is not None:
                 await client.aclose()
+            # After the drain: every call has ended, so the ledger's last rows are queued; write them.
+            await ledger.aclose()
+            await limiter.aclose()
+            metrics_recorder.close()
             log.info("service_stopped")
 
     # The process's drain state: begun by the server's stop signal (chained in the lifespan), read by every call.
@@ -72,6 +103,8 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
     app = FastAPI(title=SERVICE_TITLE, version=SERVICE_VERSION, lifespan=lifespan)
     app.state.settings = settings
     app.state.drain = drain
+    app.state.access = access
+    app.state.metrics = metrics_recorder
     app.state.stream_timings = StreamTimings(
         keepalive_seconds=settings.llm_stream_keepalive_seconds,
         send_timeout_seconds=settings.llm_stream_send_timeout_seconds,
@@ -79,7 +112,11 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
     install_openapi(app, settings)
     register_error_handlers(app)
     app.include_router(health.router)
-    app.include_router(api_router, dependencies=[Depends(require_api_key)] if settings.service_api_keys else None)
+    # Auth dependencies only where keys exist, so the OpenAPI document says exactly when a bearer is needed.
+    app.include_router(chat_router, dependencies=[Depends(require_chat_key)] if access.chat else None)
+    operator_auth = None if access.open else [Depends(require_admin_key)]
+    app.include_router(operator_router, dependencies=operator_auth)
+    app.include_router(metrics.router, dependencies=operator_auth)
     # add_middleware wraps what is there: the last added is the outermost (see api/middleware.py for the order).
     app.add_middleware(BodyLimitMiddleware, max_request_bytes=settings.max_request_bytes)
     if settings.cors_allow_origins:
@@ -91,11 +128,14 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
             expose_headers=[REQUEST_ID_HEADER.decode()],
             max_age=600,
         )
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics_recorder)
     return app
 
 
-def _log_upstream(log: structlog.typing.FilteringBoundLogger, settings: Settings, client: OpenAIClient | None) -> None:
+def _log_upstream(
+    log: structlog.typing.FilteringBoundLogger, settings: Settings, client: OpenAIClient | None, access: Access
+) -> None:
+    log.info("service_keys", chat_keys=len(access.chat), admin_keys=len(access.admin), open=access.open)
     if client is None:
         log.warning("llm_not_configured", detail="OPENAI_API_KEY is unset: chat answers 503 llm_not_configured")
         return
@@ -115,6 +155,10 @@ def __getattr__(name: str) -> FastAPI:
     """`src.main:app` for uvicorn, built from the environment the first time it is asked for."""
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    app = create_app()
+    try:
+        app = create_app()
+    except KeysFileError as error:
+        # The server's start command: end with the message that names the line and field, not a traceback.
+        raise SystemExit(f"llm-service: {error}") from None
     globals()["app"] = app
     return app

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +18,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from src.core.config import Settings
+from src.core.metrics import prepare_metrics_directory
 from src.devtools.servers import clean_environment
 from src.main import create_app
 
@@ -24,13 +27,31 @@ UPSTREAM_KEY = "sk-test-SECRET-upstream-key-0123456789"
 SERVICE_KEY = "svc-key-secret-42"
 
 
+_scratch: tempfile.TemporaryDirectory[str] | None = None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """A developer's shell must not change what the tests see: drop the service's settings, egress proxies and the
     bundled upstream's variables from this process (servers started by the tests inherit the same clean
     environment, and read no `.env`: see src/devtools/servers.py)."""
+    global _scratch
     clean = clean_environment()
     os.environ.clear()
     os.environ.update(clean)
+    _scratch = tempfile.TemporaryDirectory(prefix="llm-service-tests-")
+    # Before any test module imports prometheus_client: it picks multiprocess mode when first imported.
+    prepare_metrics_directory()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _scratch is not None:
+        _scratch.cleanup()
+
+
+def scratch_directory() -> Path:
+    """A directory for this test session's files (the in-process apps' ledger), removed at its end."""
+    assert _scratch is not None, "pytest_configure has not run"
+    return Path(_scratch.name)
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -40,6 +61,7 @@ def make_settings(**overrides: Any) -> Settings:
         "llm_max_retries": 0,
         "llm_timeout_seconds": 5.0,
         "llm_startup_check": False,
+        "database_url": f"sqlite:///{scratch_directory() / 'ledger.db'}",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)

@@ -1,26 +1,24 @@
-"""Typed FastAPI dependencies: the settings, the LLM service, and the caller's bearer key.
+"""Typed FastAPI dependencies: the LLM service, the caller's key (chat) and the operator's key (admin).
 
 All are `async def`: FastAPI runs plain `def` dependencies in a thread pool, a thread hop per request for nothing.
+Keys are checked by `HTTPBearer` subclasses, so OpenAPI declares the scheme; the chat one is installed only when
+keys are configured (create_app), so the document says exactly when a bearer is required.
 """
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from starlette.requests import HTTPConnection
 
 from src.api.sse import StreamTimings
-from src.core.config import Settings
 from src.core.errors import ErrorCode, ServiceError
+from src.core.keys import ANONYMOUS, Access, KeyRing, ServiceKey
 from src.core.llm.service import LLMService
 
-
-async def get_settings_of_app(request: HTTPConnection) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+_BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 async def get_llm_service(request: Request) -> LLMService:
@@ -40,30 +38,56 @@ def stream_timings_of(request: Request) -> StreamTimings:
     return timings
 
 
+def access_of(connection: HTTPConnection) -> Access:
+    access: Access = connection.app.state.access
+    return access
+
+
+def service_key_of(request: Request) -> ServiceKey:
+    """The caller's key, as `require_chat_key` found it; anonymous when the service has no chat keys."""
+    key: ServiceKey = getattr(request.state, "service_key", ANONYMOUS)
+    return key
+
+
 LLMServiceDep = Annotated[LLMService, Depends(get_llm_service)]
 
 
-class ServiceKeyBearer(HTTPBearer):
-    """Bearer auth against SERVICE_API_KEYS: one must match (constant-time). Only installed when keys are set.
-
-    A subclass rather than a dependency on `HTTPBearer`: the same OpenAPI security scheme, one dependency less
-    to solve on every chat request.
-    """
-
-    async def __call__(self, request: HTTPConnection) -> HTTPAuthorizationCredentials | None:
-        settings = await get_settings_of_app(request)
-        credentials = await super().__call__(request)
-        given = credentials.credentials.encode() if credentials is not None else b""
-        # Compare with every key, without short-circuiting, so timing does not tell which key nearly matched.
-        matches = [hmac.compare_digest(given, key.encode()) for key in settings.service_api_keys]
-        if not any(matches):
-            raise ServiceError(
-                ErrorCode.UNAUTHORIZED,
-                "A valid service API key is required: send `Authorization: Bearer <key>`.",
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return credentials
+def _unauthorized(message: str) -> ServiceError:
+    return ServiceError(ErrorCode.UNAUTHORIZED, message, status_code=401, headers=_BEARER_CHALLENGE)
 
 
-require_api_key = ServiceKeyBearer(auto_error=False, scheme_name="HTTPBearer", description="One of SERVICE_API_KEYS.")
+class _KeyBearer(HTTPBearer):
+    async def _key(self, connection: HTTPConnection, ring: KeyRing) -> ServiceKey | None:
+        credentials = await super().__call__(connection)
+        return ring.find(credentials.credentials) if credentials is not None else None
+
+
+class ChatKeyBearer(_KeyBearer):
+    """A chat key (SERVICE_KEYS_FILE, SERVICE_API_KEYS) must be sent; the key found is kept for the call."""
+
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        key = await self._key(request, access_of(request).chat)
+        if key is None:
+            raise _unauthorized("A valid service API key is required: send `Authorization: Bearer <key>`.")
+        request.state.service_key = key
+
+
+class AdminKeyBearer(_KeyBearer):
+    """Operator endpoints: an ADMIN_API_KEYS key; open only when the service has no keys at all (`make demo`)."""
+
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        access = access_of(request)
+        if access.open:
+            return
+        if not access.admin:
+            raise _unauthorized("Operator endpoints need ADMIN_API_KEYS on the service and one of them as bearer.")
+        if await self._key(request, access.admin) is None:
+            raise _unauthorized("A valid admin key (ADMIN_API_KEYS) is required: send `Authorization: Bearer <key>`.")
+
+
+require_chat_key = ChatKeyBearer(
+    auto_error=False, scheme_name="ServiceKey", description="A service key (SERVICE_KEYS_FILE or SERVICE_API_KEYS)."
+)
+require_admin_key = AdminKeyBearer(
+    auto_error=False, scheme_name="AdminKey", description="An operator key (ADMIN_API_KEYS)."
+)

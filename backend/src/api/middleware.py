@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from typing import Protocol
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,6 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from src.core.errors import ErrorCode, ServiceError, error_body
 
 REQUEST_ID_HEADER = b"x-request-id"
+UNMATCHED_ROUTE = "unmatched"
+
+
+class RequestMetrics(Protocol):
+    def request_finished(self, *, route: str, seconds: float) -> None: ...
+
+
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -30,8 +38,9 @@ class RequestContextMiddleware:
     - Turns an exception nobody handled into a 500 `internal_error` envelope (logged with its traceback).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: RequestMetrics | None = None) -> None:
         self.app = app
+        self._metrics = metrics
         self._log = structlog.get_logger("http").bind()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -63,13 +72,18 @@ class RequestContextMiddleware:
                 internal = ServiceError(ErrorCode.INTERNAL_ERROR, "The service failed unexpectedly.", status_code=500)
                 await send_error(send_with_request_id, internal, request_id)
         finally:
+            seconds = time.perf_counter() - started
             self._log.info(
                 "request",
                 method=scope["method"],
                 path=scope["path"],
                 status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                duration_ms=round(seconds * 1000, 2),
             )
+            if self._metrics is not None:
+                # The route's template, not the raw path, so the metric's labels stay bounded.
+                route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
+                self._metrics.request_finished(route=route, seconds=seconds)
 
     @staticmethod
     def _request_id(scope: Scope) -> str:

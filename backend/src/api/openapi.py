@@ -15,12 +15,17 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from src.core.config import Settings
-from src.models.llm import StreamDelta, StreamDone, StreamError
+from src.models.llm import ErrorEnvelope, StreamDelta, StreamDone, StreamError
 
 CHAT_PATH = "/api/v1/llm/chat"
 EVENT_STREAM = "text/event-stream"
 STREAM_EVENTS: dict[str, type[BaseModel]] = {"delta": StreamDelta, "done": StreamDone, "error": StreamError}
 _REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def error_doc(description: str) -> dict[str, Any]:
+    """An error response of a route, for its `responses=`: the envelope, and which codes mean what."""
+    return {"model": ErrorEnvelope, "description": description}
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:

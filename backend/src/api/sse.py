@@ -16,7 +16,7 @@ sse-starlette, because a chat stream needs all of this and none of them does all
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -87,8 +87,9 @@ class EventStreamResponse(Response):
         timings: StreamTimings,
         drain: Drain,
         encode: Callable[[StreamEvent], bytes] = encode_event,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(content=None, headers=SSE_HEADERS, media_type=self.media_type)
+        super().__init__(content=None, headers={**SSE_HEADERS, **(headers or {})}, media_type=self.media_type)
         # Response's __init__ set content-length: 0 for an empty body; a stream has none.
         self.raw_headers = [(name, value) for name, value in self.raw_headers if name != b"content-length"]
         self._stream = stream

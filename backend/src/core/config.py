@@ -16,6 +16,8 @@ ENV_FILE = REPO_ROOT / ".env"
 # Names another settings file, or none at all when empty: test servers and `make demo` set it empty so that a
 # developer's `.env` cannot change what they run.
 ENV_FILE_VARIABLE = "LLM_ENV_FILE"
+# The usage ledger when DATABASE_URL is unset: a SQLite file, created on start.
+DEFAULT_DATABASE_URL = f"sqlite:///{REPO_ROOT / 'data' / 'llm-service.db'}"
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -54,6 +56,13 @@ class Settings(BaseSettings):
     llm_shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     llm_startup_check: bool = True
     service_api_keys: CommaList = Field(default_factory=list, repr=False)
+    service_keys_file: Path | None = None
+    admin_api_keys: CommaList = Field(default_factory=list, repr=False)
+    # Tokens reserved against a key's limits for a call that sets no max_tokens (settled to the real usage after).
+    llm_default_token_reserve: int = Field(default=4096, ge=1)
+    database_url: str = Field(default=DEFAULT_DATABASE_URL, min_length=1, repr=False)
+    redis_url: str | None = Field(default=None, repr=False)
+    metrics_dir: Path | None = None
     cors_allow_origins: CommaList = Field(default_factory=list)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "console"] = "json"
@@ -61,7 +70,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1_048_576, ge=1)
     llm_demo_upstream: bool = False
 
-    @field_validator("llm_allowed_models", "service_api_keys", "cors_allow_origins", mode="before")
+    @field_validator("llm_allowed_models", "service_api_keys", "admin_api_keys", "cors_allow_origins", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split_commas(value)
@@ -75,9 +84,9 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("openai_api_key", mode="before")
+    @field_validator("openai_api_key", "redis_url", "service_keys_file", "metrics_dir", mode="before")
     @classmethod
-    def _blank_key_is_unset(cls, value: object) -> object:
+    def _blank_is_unset(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
             return None
         return value

@@ -35,6 +35,8 @@ class ErrorCode(StrEnum):
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     MODEL_NOT_FOUND = "model_not_found"
     RATE_LIMITED = "rate_limited"
+    KEY_RATE_LIMITED = "key_rate_limited"
+    KEY_BUDGET_EXCEEDED = "key_budget_exceeded"
     QUOTA_EXCEEDED = "quota_exceeded"
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"
@@ -42,6 +44,7 @@ class ErrorCode(StrEnum):
     SERVER_SHUTTING_DOWN = "server_shutting_down"
     # Only in logs: the client left before its answer (nginx's 499), so nobody reads the response.
     CLIENT_CLOSED_REQUEST = "client_closed_request"
+    LEDGER_UNAVAILABLE = "ledger_unavailable"
     INTERNAL_ERROR = "internal_error"
 
 

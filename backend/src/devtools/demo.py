@@ -7,9 +7,12 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
+from src.core.config import DEFAULT_DATABASE_URL
 from src.devtools.servers import start_mock_upstream, start_service
 
+DEFAULT_LEDGER = Path(DEFAULT_DATABASE_URL.removeprefix("sqlite:///"))
 BANNER = """
 ================================================================================
  LLM chat service: OFFLINE DEMO (bundled upstream at {upstream}, not OpenAI)
@@ -23,6 +26,10 @@ BANNER = """
      -d '{{"messages":[{{"role":"user","content":"Hello there"}}],"stream":true}}'
  Smoke check:
    (cd backend && ../.venv/bin/python -m src.cli.llm_test --check --url {url})
+ Usage so far, from the ledger ({ledger}):
+   curl -s '{url}/api/v1/llm/usage?group_by=model'
+ Metrics:
+   curl -s {url}/metrics | grep '^llm_'
  Faults to try: "model": "mock-429", "mock-500", "mock-hang", "mock-stream-break", ...
  Press Ctrl-C to stop.
 ================================================================================
@@ -33,19 +40,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument(
+        "--ledger", type=Path, default=DEFAULT_LEDGER, help="the SQLite usage ledger (default %(default)s)"
+    )
     args = parser.parse_args(argv)
 
     upstream = start_mock_upstream()
     try:
         service = start_service(
-            upstream_url=upstream.url, host=args.host, port=args.port, env={"LLM_DEMO_UPSTREAM": "true"}
+            upstream_url=upstream.url,
+            host=args.host,
+            port=args.port,
+            env={"LLM_DEMO_UPSTREAM": "true", "DATABASE_URL": f"sqlite:///{args.ledger.resolve()}"},
         )
     except RuntimeError as error:
         upstream.stop()
         print(f"demo: {error} (is port {args.port} in use? try `make demo PORT=9000`)", file=sys.stderr)
         return 1
     shown_host = "127.0.0.1" if args.host in {"0.0.0.0", "::"} else args.host
-    print(BANNER.format(upstream=upstream.url, url=f"http://{shown_host}:{args.port}"), flush=True)
+    url = f"http://{shown_host}:{args.port}"
+    print(BANNER.format(upstream=upstream.url, url=url, ledger=args.ledger), flush=True)
     try:
         while service.process.poll() is None and upstream.process.poll() is None:
             time.sleep(0.5)

@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,16 @@ READY_TIMEOUT_SECONDS = 30.0
 # Longer than the service's default shutdown grace (LLM_SHUTDOWN_GRACE_SECONDS), so a drain is never cut short.
 STOP_TIMEOUT_SECONDS = 30.0
 PROXY_VARIABLES = frozenset({"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"})
+# A metrics directory inherited from the caller would merge a started server's metrics with the caller's.
+INHERITED_ELSEWHERE = frozenset({"PROMETHEUS_MULTIPROC_DIR"})
 _MOCK_VARIABLE_PREFIX = "MOCK_"
 
 
 def clean_environment() -> dict[str, str]:
     """This process's environment without anything that would change what a started server does."""
-    owned = {name.upper() for name in Settings.model_fields} | PROXY_VARIABLES | {ENV_FILE_VARIABLE}
+    owned = (
+        {name.upper() for name in Settings.model_fields} | PROXY_VARIABLES | INHERITED_ELSEWHERE | {ENV_FILE_VARIABLE}
+    )
     return {
         name: value
         for name, value in os.environ.items()
@@ -135,6 +140,9 @@ def start_service(
         service_env["OPENAI_BASE_URL"] = f"{upstream_url}/v1"
         service_env["OPENAI_API_KEY"] = DEMO_API_KEY
     service_env.update(env or {})
+    # Each server gets a ledger of its own unless told otherwise: tests and benchmarks never write into the
+    # developer's data/ ledger (the demo passes that one explicitly).
+    service_env.setdefault("DATABASE_URL", f"sqlite:///{tempfile.mkdtemp(prefix='llm-service-ledger-')}/ledger.db")
     command = [
         sys.executable,
         "-m",

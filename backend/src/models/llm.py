@@ -129,3 +129,22 @@ class ReadinessStatus(BaseModel):
 
     status: Literal["ok", "unavailable", "draining"]
     upstream: UpstreamState
+
+
+class UsageRow(BaseModel):
+    """One group of `GET /api/v1/llm/usage`: the group's value under its name (only that one), then the sums."""
+
+    key: str | None = None
+    model: str | None = None
+    user: str | None = None
+    day: str | None = None
+    calls: int
+    errors: int
+    cancelled: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageReport(BaseModel):
+    rows: list[UsageRow]

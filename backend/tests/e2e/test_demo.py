@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,10 +18,10 @@ from src.devtools.servers import BACKEND_DIR, free_port
 pytestmark = pytest.mark.e2e
 
 
-def test_demo_serves_batch_and_stream_then_stops_on_ctrl_c() -> None:
+def test_demo_serves_batch_and_stream_then_stops_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
     demo = subprocess.Popen(
-        [sys.executable, "-m", "src.devtools.demo", "--port", str(port)],
+        [sys.executable, "-m", "src.devtools.demo", "--port", str(port), "--ledger", str(tmp_path / "ledger.db")],
         cwd=BACKEND_DIR,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -41,6 +43,18 @@ def test_demo_serves_batch_and_stream_then_stops_on_ctrl_c() -> None:
         assert batch.status_code == 200
         assert "Hello there" in batch.json()["message"]["content"]
         assert "event: done" in stream.text
+        # The banner's usage line: both calls are in the ledger (written within 2 s of their end).
+        assert f"curl -s '{url}/api/v1/llm/usage?group_by=model'" in output
+        deadline = time.monotonic() + 5
+        while True:
+            rows = httpx.get(f"{url}/api/v1/llm/usage", params={"group_by": "model"}, timeout=5).json()["rows"]
+            if sum(row["calls"] for row in rows) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert rows == [
+            {"model": "gpt-5-mini", "calls": 2, "errors": 0, "cancelled": 0, **_tokens(rows[0])},
+        ]
+        assert rows[0]["total_tokens"] > 0
     finally:
         demo.send_signal(signal.SIGINT)
         rest, _ = demo.communicate(timeout=30)
@@ -54,3 +68,7 @@ def test_demo_serves_batch_and_stream_then_stops_on_ctrl_c() -> None:
     # Ctrl-C ran the app's own shutdown, and nothing crashed on the way out.
     assert any(line["event"] == "service_stopped" for line in lines)
     assert "Traceback" not in output + rest
+
+
+def _tokens(row: dict[str, Any]) -> dict[str, Any]:
+    return {name: row[name] for name in ("prompt_tokens", "completion_tokens", "total_tokens")}

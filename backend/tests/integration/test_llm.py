@@ -11,6 +11,8 @@ import httpx
 import pytest
 import respx
 
+from src.core.keys import ANONYMOUS
+from src.core.llm.call_context import CallContext
 from src.core.llm.client import OpenAIClient
 from src.core.llm.service import LLMService
 from src.core.shutdown import Drain
@@ -228,7 +230,7 @@ async def test_openapi_declares_the_bearer_only_when_keys_are_configured(app_cli
     async with app_client(make_settings(service_api_keys=SERVICE_KEY)) as (keyed_client, _, _):
         keyed_spec = (await keyed_client.get("/openapi.json")).json()
     assert "security" not in open_spec["paths"][CHAT]["post"]
-    assert keyed_spec["paths"][CHAT]["post"]["security"] == [{"HTTPBearer": []}]
+    assert keyed_spec["paths"][CHAT]["post"]["security"] == [{"ServiceKey": []}]
 
 
 # --- body size -----------------------------------------------------------------------------------------------------
@@ -956,9 +958,9 @@ async def test_a_call_cancelled_while_waiting_for_the_upstream_gives_its_slot_ba
         service = LLMService(client=OpenAIClient.from_settings(settings, http_client=http_client), settings=settings)
         request = LLMRequest.model_validate(chat_body(stream=stream))
         call = (
-            service.stream_chat_completion(request, request_id="r1")
+            service.stream_chat_completion(request, context=CallContext(request_id="r1", caller=ANONYMOUS))
             if stream
-            else service.get_chat_completion(request, request_id="r1")
+            else service.get_chat_completion(request, context=CallContext(request_id="r1", caller=ANONYMOUS))
         )
         task = asyncio.ensure_future(call)
         await asyncio.wait_for(upstream_reached.wait(), timeout=2)
@@ -967,5 +969,7 @@ async def test_a_call_cancelled_while_waiting_for_the_upstream_gives_its_slot_ba
             await task
 
         upstream.post("/chat/completions").respond(200, json=completion())
-        answer = await service.get_chat_completion(LLMRequest.model_validate(chat_body()), request_id="r2")
+        answer = await service.get_chat_completion(
+            LLMRequest.model_validate(chat_body()), context=CallContext(request_id="r2", caller=ANONYMOUS)
+        )
     assert answer.message.content == "Hi! How can I help?"

@@ -1,8 +1,14 @@
-"""Assembles the routers of API v1 under `/api/v1`."""
+"""Assembles the routers of API v1 under `/api/v1`: chat (for callers) and usage (for operators).
+
+Each gets its auth dependency from `create_app`, only when keys are configured (see api/deps.py).
+"""
 
 from fastapi import APIRouter
 
-from src.api.v1.endpoints import llm
+from src.api.v1.endpoints import llm, usage
 
-api_router = APIRouter(prefix="/api/v1")
-api_router.include_router(llm.router)
+chat_router = APIRouter(prefix="/api/v1")
+chat_router.include_router(llm.router)
+
+operator_router = APIRouter(prefix="/api/v1")
+operator_router.include_router(usage.router)

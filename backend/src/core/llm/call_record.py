@@ -8,8 +8,11 @@ from typing import Any
 
 import structlog
 
+from src.core.limits import Admission
 from src.core.llm.upstream_errors import UpstreamRejection
 from src.models.llm import Usage
+
+OK_STATUS = 200
 
 
 def elapsed_ms(since: float) -> float:
@@ -23,11 +26,22 @@ class CallRecord:
     request_id: str
     model: str
     stream: bool
+    route: str = "chat"
+    key_name: str = "anonymous"
+    user: str | None = None
     started: float = field(default_factory=time.perf_counter)
     upstream_request_id: str | None = None
+    upstream_model: str | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    reasoning_tokens: int | None = None
+    cached_tokens: int | None = None
     ttft_ms: float | None = None
+    # The HTTP status the caller got (200 for a stream that began, whatever happened later).
+    status: int = OK_STATUS
+    # What the key's limits reserved for this call, settled to the real usage when it ends.
+    admission: Admission | None = None
+    prompt_estimate: int = 0
     # Set when the call failed: our error code, and what the upstream itself answered (status, redacted message).
     code: str | None = None
     rejection: UpstreamRejection | None = None
@@ -59,6 +73,8 @@ class CallLog:
         usage = record.usage
         fields: dict[str, Any] = {
             "request_id": record.request_id,
+            "route": record.route,
+            "key": record.key_name,
             "model": record.model,
             "stream": record.stream,
             "latency_ms": elapsed_ms(record.started),
@@ -68,6 +84,10 @@ class CallLog:
             "finish_reason": record.finish_reason,
             "upstream_request_id": record.upstream_request_id,
         }
+        if record.reasoning_tokens is not None:
+            fields["reasoning_tokens"] = record.reasoning_tokens
+        if record.cached_tokens is not None:
+            fields["cached_tokens"] = record.cached_tokens
         if record.attempts > 1:
             fields["attempts"] = record.attempts
         if record.stream:

@@ -19,6 +19,7 @@ from httpx_sse import EventSource
 from pydantic import ValidationError
 
 from src.core.errors import ErrorCode, LLMServiceError, ServiceError
+from src.core.llm.accounting import CallAccounting
 from src.core.llm.call_record import CallLog, CallRecord
 from src.core.llm.upstream_errors import malformed, redact_secrets, translate_upstream_errors
 from src.models.llm import StreamDelta, StreamDone, StreamError, StreamEvent, Usage
@@ -45,6 +46,19 @@ def parse_usage(value: object) -> Usage | None:
         return None
 
 
+def record_usage(record: CallRecord, value: object) -> None:
+    """The usage an upstream reported, with its details: reasoning and cached tokens (None when not said)."""
+    record.usage = parse_usage(value)
+    if not isinstance(value, dict):
+        return
+    completion_details = value.get("completion_tokens_details")
+    prompt_details = value.get("prompt_tokens_details")
+    if isinstance(completion_details, dict) and isinstance(completion_details.get("reasoning_tokens"), int):
+        record.reasoning_tokens = completion_details["reasoning_tokens"]
+    if isinstance(prompt_details, dict) and isinstance(prompt_details.get("cached_tokens"), int):
+        record.cached_tokens = prompt_details["cached_tokens"]
+
+
 class ChatStream:
     """An opened upstream stream, iterated as `StreamEvent`s; `aclose()` must always be called (it logs the call)."""
 
@@ -54,16 +68,19 @@ class ChatStream:
         response: httpx.Response,
         record: CallRecord,
         call_log: CallLog,
+        accounting: CallAccounting,
         release_slot: Callable[[], None],
         keep_answer: bool,
     ) -> None:
         self._response = response
         self._record = record
         self._call_log = call_log
+        self._accounting = accounting
         self._release_slot = release_slot
         self._answer: list[str] | None = [] if keep_answer else None
         self._closed = False
         self._events = self._relay()
+        accounting.stream_started()
 
     @property
     def request_id(self) -> str:
@@ -81,8 +98,7 @@ class ChatStream:
     async def _relay(self) -> AsyncGenerator[StreamEvent, None]:
         record = self._record
         upstream_id: str | None = None
-        upstream_model: str | None = None
-        usage: Usage | None = None
+        usage: object = None
         completed = False
         try:
             with translate_upstream_errors():
@@ -95,9 +111,9 @@ class ChatStream:
                     if sse.event == "error" or error:
                         raise _error_in_stream(error)
                     upstream_id = upstream_id or chunk.get("id")
-                    upstream_model = upstream_model or chunk.get("model")
+                    record.upstream_model = record.upstream_model or chunk.get("model")
                     if chunk.get("usage"):
-                        usage = parse_usage(chunk["usage"])
+                        usage = chunk["usage"]
                     for content, finish_reason in _choices(chunk):
                         if content:
                             record.delivered(content)
@@ -112,13 +128,13 @@ class ChatStream:
                     "The LLM provider ended the stream before the answer was complete.",
                     status_code=502,
                 )
-            record.usage = usage
+            record_usage(record, usage)
             yield StreamDone(
                 id=upstream_id,
-                model=upstream_model,
+                model=record.upstream_model,
                 request_id=record.request_id,
                 finish_reason=record.finish_reason,
-                usage=usage,
+                usage=record.usage,
             )
         except ServiceError as exc:
             record.code = exc.code
@@ -141,17 +157,18 @@ class ChatStream:
             record.code = ErrorCode.SERVER_SHUTTING_DOWN
         if self._answer is not None:
             record.answer = "".join(self._answer)
+        await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
         try:
-            await asyncio.shield(self._close_upstream())
+            try:
+                await self._events.aclose()
+            finally:
+                await self._response.aclose()
         finally:
             self._release_slot()
-            self._call_log.emit(record)
-
-    async def _close_upstream(self) -> None:
-        try:
-            await self._events.aclose()
-        finally:
-            await self._response.aclose()
+            self._accounting.stream_ended()
+            await self._accounting.finish(self._record)
 
 
 def _chunk(data: str) -> dict[str, Any]:

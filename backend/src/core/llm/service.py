@@ -18,9 +18,12 @@ import openai
 
 from src.core.config import Settings
 from src.core.errors import ErrorCode, LLMServiceError, ServiceError
+from src.core.limits import MemoryLimiter
+from src.core.llm.accounting import CallAccounting
+from src.core.llm.call_context import CallContext
 from src.core.llm.call_record import CallLog, CallRecord
 from src.core.llm.client import OpenAIClient
-from src.core.llm.relay import ChatStream, parse_usage
+from src.core.llm.relay import ChatStream, record_usage
 from src.core.llm.retry import RetryPolicy
 from src.core.llm.slots import UpstreamSlots
 from src.core.llm.upstream_check import check_upstream
@@ -43,7 +46,14 @@ def shutting_down() -> LLMServiceError:
 class LLMService:
     """Chat in batch or stream mode over the shared client."""
 
-    def __init__(self, *, client: OpenAIClient | None, settings: Settings, drain: Drain | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        client: OpenAIClient | None,
+        settings: Settings,
+        drain: Drain | None = None,
+        accounting: CallAccounting | None = None,
+    ) -> None:
         self._client = client
         self._default_model = settings.llm_default_model
         self._allowed_models = frozenset(settings.llm_allowed_models)
@@ -54,6 +64,13 @@ class LLMService:
         )
         self._drain = drain or Drain(grace_seconds=settings.llm_shutdown_grace_seconds)
         self._call_log = CallLog()
+        self._accounting = accounting or CallAccounting(
+            call_log=self._call_log,
+            limiter=MemoryLimiter(),
+            ledger=None,
+            metrics=None,
+            default_token_reserve=settings.llm_default_token_reserve,
+        )
         self.upstream_state: UpstreamState = "unchecked" if client is not None else "not_configured"
 
     @property
@@ -69,46 +86,49 @@ class LLMService:
     def drain(self) -> Drain:
         return self._drain
 
-    async def get_chat_completion(self, request: LLMRequest, *, request_id: str) -> LLMResponse:
+    async def get_chat_completion(self, request: LLMRequest, *, context: CallContext) -> LLMResponse:
         """One batch answer."""
-        client, record, body = self._begin(request, request_id=request_id, stream=False)
+        record = self._record(request, context, stream=False)
         try:
+            client, body = await self._begin(request, context, record)
             response = await self._send(client, body, record=record, stream=False)
             self._slots.release()
-            answer = _batch_answer(response.content, request_id)
-            record.usage = answer.usage
-            record.finish_reason = answer.finish_reason
+            answer = _batch_answer(response.content, record)
             if self._log_prompts:
                 record.answer = answer.message.content
             return answer
         except ServiceError as exc:
-            record.code = exc.code
+            record.code, record.status = exc.code, exc.status_code
+            _carry_limit_headers(exc, context)
             raise
         except asyncio.CancelledError:
             record.cancelled = True
             raise
         finally:
-            self._call_log.emit(record)
+            await asyncio.shield(self._accounting.finish(record))
 
-    async def stream_chat_completion(self, request: LLMRequest, *, request_id: str) -> ChatStream:
+    async def stream_chat_completion(self, request: LLMRequest, *, context: CallContext) -> ChatStream:
         """Open the upstream stream now, so that failures before the first byte are plain HTTP errors."""
-        client, record, body = self._begin(request, request_id=request_id, stream=True)
-        body["stream"] = True
-        body["stream_options"] = _STREAM_OPTIONS
+        record = self._record(request, context, stream=True)
         try:
+            client, body = await self._begin(request, context, record)
+            body["stream"] = True
+            body["stream_options"] = _STREAM_OPTIONS
             response = await self._send(client, body, record=record, stream=True)
         except ServiceError as exc:
-            record.code = exc.code
-            self._call_log.emit(record)
+            record.code, record.status = exc.code, exc.status_code
+            _carry_limit_headers(exc, context)
+            await asyncio.shield(self._accounting.finish(record))
             raise
         except asyncio.CancelledError:
             record.cancelled = True
-            self._call_log.emit(record)
+            await asyncio.shield(self._accounting.finish(record))
             raise
         return ChatStream(
             response=response,
             record=record,
             call_log=self._call_log,
+            accounting=self._accounting,
             release_slot=self._slots.release,
             keep_answer=self._log_prompts,
         )
@@ -142,24 +162,44 @@ class LLMService:
             record.upstream_request_id = response.headers.get("x-request-id")
             return response
 
-    def _begin(
-        self, request: LLMRequest, *, request_id: str, stream: bool
-    ) -> tuple[OpenAIClient, CallRecord, dict[str, Any]]:
-        model = request.model or self._default_model
-        if self._allowed_models and model not in self._allowed_models:
+    def _record(self, request: LLMRequest, context: CallContext, *, stream: bool) -> CallRecord:
+        record = CallRecord(
+            request_id=context.request_id,
+            model=request.model or self._default_model,
+            stream=stream,
+            route=context.route,
+            key_name=context.caller.name,
+            user=request.user,
+        )
+        if self._log_prompts:
+            record.messages = [message.model_dump() for message in request.messages]
+        return record
+
+    async def _begin(
+        self, request: LLMRequest, context: CallContext, record: CallRecord
+    ) -> tuple[OpenAIClient, dict[str, Any]]:
+        """The checks before the upstream, in order: model policy, configured, draining, the key's limits."""
+        model = record.model
+        allowed = context.caller.models or self._allowed_models
+        if allowed and model not in allowed:
             raise LLMServiceError(
                 ErrorCode.MODEL_NOT_ALLOWED,
-                f"Model {model!r} is not allowed here; allowed: {', '.join(sorted(self._allowed_models))}.",
+                f"Model {model!r} is not allowed here; allowed: {', '.join(sorted(allowed))}.",
                 status_code=400,
             )
         if self._client is None:
             raise LLMServiceError(ErrorCode.LLM_NOT_CONFIGURED, NOT_CONFIGURED_MESSAGE, status_code=503)
         if self._drain.draining:
             raise shutting_down()
-        record = CallRecord(request_id=request_id, model=model, stream=stream)
-        if self._log_prompts:
-            record.messages = [message.model_dump() for message in request.messages]
-        return self._client, record, upstream_body(request, model=model)
+        body = upstream_body(request, model=model)
+        await self._accounting.admit(context, record, messages=body["messages"], max_tokens=request.max_tokens)
+        return self._client, body
+
+
+def _carry_limit_headers(error: ServiceError, context: CallContext) -> None:
+    """Every answer for a limited key carries its rate-limit headers, errors too."""
+    for name, value in context.response_headers.items():
+        error.headers.setdefault(name, value)
 
 
 def upstream_body(request: LLMRequest, *, model: str) -> dict[str, Any]:
@@ -172,17 +212,20 @@ def upstream_body(request: LLMRequest, *, model: str) -> dict[str, Any]:
     return params
 
 
-def _batch_answer(content: bytes, request_id: str) -> LLMResponse:
+def _batch_answer(content: bytes, record: CallRecord) -> LLMResponse:
     try:
         payload = json.loads(content)
         choice = payload["choices"][0]
+        record_usage(record, payload.get("usage"))
+        record.upstream_model = payload["model"]
+        record.finish_reason = choice.get("finish_reason")
         return LLMResponse(
             id=payload["id"],
             model=payload["model"],
-            request_id=request_id,
+            request_id=record.request_id,
             message=AssistantMessage(content=choice["message"].get("content") or ""),
-            finish_reason=choice.get("finish_reason"),
-            usage=parse_usage(payload.get("usage")),
+            finish_reason=record.finish_reason,
+            usage=record.usage,
         )
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise malformed("answer") from exc

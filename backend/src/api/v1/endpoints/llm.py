@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from src.api.abandonment import unless_abandoned
-from src.api.deps import LLMServiceDep, request_id_of, stream_timings_of
+from src.api.deps import LLMServiceDep, request_id_of, service_key_of, stream_timings_of
+from src.api.openapi import error_doc
 from src.api.sse import EventStreamResponse
-from src.models.llm import ErrorEnvelope, LLMRequest, LLMResponse
+from src.core.llm.call_context import CallContext
+from src.models.llm import LLMRequest, LLMResponse
 
 _STREAM_DESCRIPTION = (
     'With `stream: true`: `text/event-stream` of `event: delta` (`{"content"}`), then `event: done` '
@@ -19,20 +21,19 @@ _STREAM_DESCRIPTION = (
 )
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"model": ErrorEnvelope, "description": description}
-
-
 CHAT_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _error("invalid_request, context_length_exceeded, model_not_found or model_not_allowed"),
-    401: _error("unauthorized: SERVICE_API_KEYS is set and the bearer is missing or wrong"),
-    413: _error("payload_too_large: body over MAX_REQUEST_BYTES"),
-    422: _error("validation_error: `details` names each failing field"),
-    429: _error("rate_limited by the upstream (`Retry-After` when it sent one)"),
-    500: _error("llm_auth_error (the service's upstream key is rejected) or internal_error"),
-    502: _error("upstream_error: the upstream failed (5xx), sent something malformed, or has no such endpoint"),
-    503: _error("llm_not_configured, quota_exceeded, upstream_unavailable or server_shutting_down"),
-    504: _error("upstream_timeout"),
+    400: error_doc("invalid_request, context_length_exceeded, model_not_found or model_not_allowed"),
+    401: error_doc("unauthorized: service keys are configured and the bearer is missing or wrong"),
+    413: error_doc("payload_too_large: body over MAX_REQUEST_BYTES"),
+    422: error_doc("validation_error: `details` names each failing field"),
+    429: error_doc(
+        "key_rate_limited / key_budget_exceeded (this key's limits, with `Retry-After`), or rate_limited by the "
+        "upstream (`Retry-After` when it sent one)"
+    ),
+    500: error_doc("llm_auth_error (the service's upstream key is rejected) or internal_error"),
+    502: error_doc("upstream_error: the upstream failed (5xx), sent something malformed, or has no such endpoint"),
+    503: error_doc("llm_not_configured, quota_exceeded, upstream_unavailable or server_shutting_down"),
+    504: error_doc("upstream_timeout"),
 }
 
 # Service-key auth is added by `create_app` when keys are configured, so the OpenAPI document says exactly
@@ -59,15 +60,21 @@ router = APIRouter(prefix="/llm", tags=["llm"])
     summary="Chat completion, as one JSON answer or as a Server-Sent-Events stream",
     description=_STREAM_DESCRIPTION,
 )
-async def chat(body: LLMRequest, service: LLMServiceDep, request: Request) -> LLMResponse | EventStreamResponse:
-    request_id = request_id_of(request)
+async def chat(
+    body: LLMRequest, service: LLMServiceDep, request: Request, response: Response
+) -> LLMResponse | EventStreamResponse:
+    context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route="chat")
     drain = service.drain
     if body.stream:
         # Opening may wait for retries: a client who leaves meanwhile cancels them.
         stream = await unless_abandoned(
-            service.stream_chat_completion(body, request_id=request_id), receive=request.receive, drain=drain
+            service.stream_chat_completion(body, context=context), receive=request.receive, drain=drain
         )
-        return EventStreamResponse(stream, timings=stream_timings_of(request), drain=drain)
-    return await unless_abandoned(
-        service.get_chat_completion(body, request_id=request_id), receive=request.receive, drain=drain
+        return EventStreamResponse(
+            stream, timings=stream_timings_of(request), drain=drain, headers=context.response_headers
+        )
+    answer = await unless_abandoned(
+        service.get_chat_completion(body, context=context), receive=request.receive, drain=drain
     )
+    response.headers.update(context.response_headers)
+    return answer

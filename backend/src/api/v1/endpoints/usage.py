@@ -1,0 +1,54 @@
+"""`GET /api/v1/llm/usage`: the usage ledger, summed in the database by key, model, user or day (operators)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+
+from src.api.openapi import error_doc
+from src.core.errors import ErrorCode, ServiceError
+from src.core.ledger import Ledger, LedgerUnavailableError
+from src.models.llm import UsageReport, UsageRow
+
+DEFAULT_PERIOD = timedelta(days=30)
+GroupBy = Literal["key", "model", "user", "day"]
+
+router = APIRouter(prefix="/llm", tags=["operators"])
+
+
+@router.get(
+    "/usage",
+    responses={
+        401: error_doc("unauthorized: an ADMIN_API_KEYS key is required (open only when the service has no keys)"),
+        422: error_doc("validation_error: bad `from`, `to` or `group_by`, or `to` not after `from`"),
+        503: error_doc("ledger_unavailable: the ledger's database cannot answer now"),
+    },
+    summary="Usage from the ledger, grouped by key, model, user or day",
+    response_model_exclude_unset=True,
+)
+async def usage(
+    request: Request,
+    group_by: GroupBy = "key",
+    start: Annotated[datetime | None, Query(alias="from", description="ISO 8601; default 30 days ago")] = None,
+    end: Annotated[datetime | None, Query(alias="to", description="ISO 8601, exclusive; default now")] = None,
+) -> UsageReport:
+    """Calls, errors, cancellations and tokens per group, for calls that ended in [from, to)."""
+    end = _utc(end) if end is not None else datetime.now(UTC)
+    start = _utc(start) if start is not None else end - DEFAULT_PERIOD
+    if end <= start:
+        raise ServiceError(ErrorCode.VALIDATION_ERROR, "`to` must be after `from`.", status_code=422)
+    ledger: Ledger = request.state.ledger
+    try:
+        rows = await ledger.usage(start=start, end=end, group_by=group_by)
+    except LedgerUnavailableError as exc:
+        raise ServiceError(
+            ErrorCode.LEDGER_UNAVAILABLE, "The usage ledger's database cannot answer now.", status_code=503
+        ) from exc
+    return UsageReport(rows=[UsageRow.model_validate(row) for row in rows])
+
+
+def _utc(moment: datetime) -> datetime:
+    """Times without an offset are UTC, like the ledger's."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
