@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -28,8 +29,11 @@ RESULTS_DIR = ROOT / "bench" / "results"
 CHAT_PATH = "/api/v1/llm/chat"
 UPSTREAM_CHAT_PATH = "/v1/chat/completions"
 PROMPT = [{"role": "user", "content": "Benchmark me"}]
-# The service runs with auth on (SERVICE_API_KEYS), like a production deployment: no feature is off.
+# The service runs like a production deployment, no feature off: a named key from a keys file with limits (high
+# enough never to refuse: every call reserves and settles), admin keys, the ledger (SQLite), metrics.
 SERVICE_KEY = "bench-service-key"
+ADMIN_KEY = "bench-admin-key"
+BENCH_LIMIT = 1_000_000_000
 
 
 def words_model(words: int) -> str:
@@ -102,15 +106,31 @@ class Stack(ExitStack):
         self.callback(self.upstream.stop)
         return self.upstream
 
+    def _keys_file(self) -> Path:
+        path = self.log_dir / "keys.toml"
+        digest = hashlib.sha256(SERVICE_KEY.encode()).hexdigest()
+        path.write_text(
+            f'[[keys]]\nname = "bench"\nsha256 = "{digest}"\nrequests_per_minute = {BENCH_LIMIT}\n'
+            f"tokens_per_minute = {BENCH_LIMIT}\ntokens_per_day = {BENCH_LIMIT}\n"
+        )
+        return path
+
     def start_service(
         self, *, workers: int, env: dict[str, str] | None = None, backend_dir: Path | None = None
     ) -> ServerProcess:
         assert self.upstream is not None
         name = f"service-{workers}w" + ("-baseline" if backend_dir else "")
         log: IO[bytes] = self.enter_context(open(self.log_dir / f"{name}.log", "wb"))  # noqa: SIM115
-        # Everything stays on: JSON logs at INFO (to a file), request ids, auth, error mapping, keep-alive,
-        # send timeouts, the drain, the startup check.
-        service_env = {"LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "SERVICE_API_KEYS": SERVICE_KEY, **(env or {})}
+        # Everything stays on: JSON logs at INFO (to a file), request ids, a limited key, the ledger, metrics,
+        # error mapping, keep-alive, send timeouts, the drain, the startup check.
+        service_env = {
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "INFO",
+            "SERVICE_KEYS_FILE": str(self._keys_file()),
+            "ADMIN_API_KEYS": ADMIN_KEY,
+            "DATABASE_URL": f"sqlite:///{self.log_dir / f'{name}-ledger.db'}",
+            **(env or {}),
+        }
         service = start_service(
             upstream_url=self.upstream.url,
             workers=workers,

@@ -7,6 +7,7 @@ so importing this module (as the tests do) never reads the environment or `.env`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -62,41 +63,40 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[AppState]:
-        metrics_recorder.open()
-        client = OpenAIClient.from_settings(settings, http_client=http_client)
-        _log_upstream(log, settings, client, access)
-        drain.chain_server_signals()
-        ledger = Ledger(settings.database_url, on_dropped=metrics_recorder.ledger_rows_dropped)
-        await ledger.start()
-        limiter = build_limiter(settings.redis_url, on_redis_error=metrics_recorder.redis_error)
-        accounting = CallAccounting(
-            call_log=CallLog(),
-            limiter=limiter,
-            ledger=ledger,
-            metrics=metrics_recorder,
-            default_token_reserve=settings.llm_default_token_reserve,
-        )
-        service = LLMService(client=client, settings=settings, drain=drain, accounting=accounting)
-        # In the background: startup never waits for (or fails on) the upstream.
-        upstream_check = asyncio.create_task(service.check_upstream()) if settings.llm_startup_check else None
-        # Everything alive now (modules, the SDK's ~1,000 type modules, schemas) lives as long as the process.
-        # Freezing it keeps the collector from re-scanning ~130k objects on every full collection: those
-        # scans were the latency spikes (p99 20x p50) under load.
-        gc.collect()
-        gc.freeze()
-        try:
-            yield {"llm_service": service, "ledger": ledger}
-        finally:
-            if upstream_check is not None:
-                upstream_check.cancel()
-            drain.restore_server_signals()
+        # Everything started is stopped in reverse order, however far startup got.
+        async with contextlib.AsyncExitStack() as started:
+            started.callback(log.info, "service_stopped")
+            metrics_recorder.open()
+            started.callback(metrics_recorder.close)
+            client = OpenAIClient.from_settings(settings, http_client=http_client)
             if client is not None:
-                await client.aclose()
-            # After the drain: every call has ended, so the ledger's last rows are queued; write them.
-            await ledger.aclose()
-            await limiter.aclose()
-            metrics_recorder.close()
-            log.info("service_stopped")
+                started.push_async_callback(client.aclose)
+            _log_upstream(log, settings, client, access)
+            limiter = build_limiter(settings.redis_url, on_redis_error=metrics_recorder.redis_error)
+            started.push_async_callback(limiter.aclose)
+            ledger = Ledger(settings.database_url, on_dropped=metrics_recorder.ledger_rows_dropped)
+            # Closed after the drain: every call has ended by then, so its last rows are queued and get written.
+            started.push_async_callback(ledger.aclose)
+            await ledger.start()
+            drain.chain_server_signals()
+            started.callback(drain.restore_server_signals)
+            accounting = CallAccounting(
+                call_log=CallLog(),
+                limiter=limiter,
+                ledger=ledger,
+                metrics=metrics_recorder,
+                default_token_reserve=settings.llm_default_token_reserve,
+            )
+            service = LLMService(client=client, settings=settings, drain=drain, accounting=accounting)
+            if settings.llm_startup_check:
+                # In the background: startup never waits for (or fails on) the upstream.
+                started.callback(asyncio.create_task(service.check_upstream()).cancel)
+            # Everything alive now (modules, the SDK's ~1,000 type modules, schemas) lives as long as the process.
+            # Freezing it keeps the collector from re-scanning ~130k objects on every full collection: those
+            # scans were the latency spikes (p99 20x p50) under load.
+            gc.collect()
+            gc.freeze()
+            yield {"llm_service": service, "ledger": ledger}
 
     # The process's drain state: begun by the server's stop signal (chained in the lifespan), read by every call.
     drain = Drain(grace_seconds=settings.llm_shutdown_grace_seconds)

@@ -29,6 +29,8 @@ from src.core.limits import KeyLimits
 KEY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 SHA256_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
 ENV_KEY_NAME = "SERVICE_API_KEYS#{index}"
+# The name calls get when the service has no keys; no key may take it (logs, metrics and the ledger would mix).
+ANONYMOUS_NAME = "anonymous"
 LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day")
 KNOWN_FIELDS = frozenset({"name", "sha256", "models", *LIMIT_FIELDS})
 
@@ -118,6 +120,8 @@ def _service_key(entry: Any, index: int, locator: _Locator) -> tuple[ServiceKey,
     name = entry.get("name")
     if not isinstance(name, str) or not KEY_NAME_PATTERN.fullmatch(name):
         raise locator.error(index, "name", "required: 1-64 characters of letters, digits and . _ : -")
+    if name == ANONYMOUS_NAME:
+        raise locator.error(index, "name", f"{ANONYMOUS_NAME!r} is reserved for callers of an open service")
     digest = entry.get("sha256")
     if not isinstance(digest, str) or not SHA256_PATTERN.fullmatch(digest):
         raise locator.error(index, "sha256", "required: the key's SHA-256 as 64 hex digits (never the key itself)")
@@ -161,7 +165,7 @@ class _Locator:
         return KeysFileError(f"{where}: field {field_name!r}: {message}" if field_name else f"{where}: {message}")
 
 
-ANONYMOUS = ServiceKey(name="anonymous")
+ANONYMOUS = ServiceKey(name=ANONYMOUS_NAME)
 ADMIN_KEY_NAME = "ADMIN_API_KEYS#{index}"
 
 

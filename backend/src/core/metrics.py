@@ -27,8 +27,10 @@ swept); else, in a worker spawned by uvicorn's supervisor (which never imports t
 <own pid>`, which that process removes at shutdown. On startup, files of processes that no longer exist are removed
 (a replacement worker must not bring a dead one's `llm_streams_in_flight` back; a dead worker's counters go with
 it, which Prometheus reads as a counter reset), and so are the directories of supervisors and single processes that
-no longer exist. At shutdown a process removes its live-gauge file (`mark_process_dead`). The directory must be
-private to one host's processes: a pid from another host or container would look dead and be swept.
+no longer exist (no worker can tell it is the last to stop, so a supervisor's directory waits for that sweep; a
+single process killed before its shutdown too). At shutdown a process removes its live-gauge file
+(`mark_process_dead`). The directory must be private to one host's processes: a pid from another host or container
+would look dead and be swept.
 
 prometheus-client picks multiprocess mode when it is first imported, from PROMETHEUS_MULTIPROC_DIR. This module
 therefore imports it only inside functions, after exporting the variable (`prepare_metrics_directory`, which
@@ -105,7 +107,8 @@ def choose_metrics_directory(
 
 
 def prepare_metrics_directory(configured: Path | None = None) -> Path:
-    """Choose this process's metrics directory, create it and export it as PROMETHEUS_MULTIPROC_DIR.
+    """Choose this process's metrics directory and export it as PROMETHEUS_MULTIPROC_DIR (`Metrics.open()` creates
+    it: a process that never records leaves nothing behind).
 
     Call it before anything imports prometheus_client, if something must; `Metrics.open()` calls it itself.
     """
@@ -247,7 +250,8 @@ class _Process:
 
     def prepare(self, configured: Path | None) -> MetricsDirectory:
         with self._lock:
-            directory, _ = self._prepare(configured)
+            directory = self._directory_for(configured)
+            self._export(directory)
             return directory
 
     def acquire(self, configured: Path | None) -> _Session:
@@ -284,21 +288,25 @@ class _Process:
             root=metrics_root(),
         )
 
-    def _prepare(self, configured: Path | None) -> tuple[MetricsDirectory, bool]:
-        """The directory, created, and whether PROMETHEUS_MULTIPROC_DIR was set here (not by an operator)."""
+    def _directory_for(self, configured: Path | None) -> MetricsDirectory:
         directory = self._choose(configured)
         if self._session is not None and directory != self._session.directory:
             raise MetricsSetupError(f"this process already records its metrics in {self._session.directory.path}")
-        _create_directory(directory.path)
+        return directory
+
+    def _export(self, directory: MetricsDirectory) -> bool:
+        """Point PROMETHEUS_MULTIPROC_DIR at `directory` unless an operator set it; whether it was set here."""
         if self._operator_directory() is not None:
-            return directory, False
+            return False
         # prometheus-client reads the variable at import (to pick multiprocess mode) and whenever it opens a file.
         os.environ[MULTIPROC_DIR_VARIABLE] = str(directory.path)
         self._exported.add(str(directory.path))
-        return directory, True
+        return True
 
     def _start(self, configured: Path | None) -> _Session:
-        directory, exported = self._prepare(configured)
+        directory = self._directory_for(configured)
+        _create_directory(directory.path)
+        exported = self._export(directory)
         _require_multiprocess_mode()
         _sweep(directory)
         return _Session(directory=directory, series=_build_series(), exported=exported)

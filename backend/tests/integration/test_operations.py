@@ -203,6 +203,7 @@ async def test_every_call_is_a_ledger_row_and_usage_sums_them_in_the_database(
         backwards = await client.get(
             USAGE, params={"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"}, headers=_bearer(ADMIN_KEY)
         )
+        unix_time = await client.get(USAGE, params={"to": "1764000000"}, headers=_bearer(ADMIN_KEY))
     assert by["key"]["rows"] == [
         {
             "key": "limited",
@@ -226,7 +227,9 @@ async def test_every_call_is_a_ledger_row_and_usage_sums_them_in_the_database(
     assert [row["user"] for row in by["user"]["rows"]] == ["alice", "bob"]
     assert [row["calls"] for row in by["model"]["rows"]] == [3]
     assert len(by["day"]["rows"]) == 1
-    assert bad.status_code == backwards.status_code == 422
+    assert bad.status_code == unix_time.status_code == 422
+    assert backwards.status_code == 200
+    assert backwards.json() == {"rows": []}
 
 
 def test_a_malformed_keys_file_stops_the_app_naming_line_and_field(tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ MALFORMED = {
     "plain_key_instead_of_hash": ('[[keys]]\nname = "a"\nsha256 = "llmsvc-the-key-itself"\n', 3, "sha256"),
     "missing_name": ('[[keys]]\nsha256 = "{digest}"\n', 1, "name"),
     "unknown_field": ('[[keys]]\nname = "a"\nsha256 = "{digest}"\nrpm = 5\n', 4, "rpm"),
+    "reserved_name": ('[[keys]]\nname = "anonymous"\nsha256 = "{digest}"\n', 2, "name"),
     "models_not_a_list": ('[[keys]]\nname = "a"\nsha256 = "{digest}"\nmodels = "gpt-5"\n', 4, "models"),
     "duplicate_name": (
         '[[keys]]\nname = "a"\nsha256 = "{digest}"\n[[keys]]\nname = "a"\nsha256 = "{other}"\n',

@@ -28,6 +28,7 @@ from src.core.metrics import (
     MetricsDirectory,
     MetricsSetupError,
     choose_metrics_directory,
+    prepare_metrics_directory,
 )
 from src.devtools.servers import BACKEND_DIR, clean_environment
 from tests.e2e import metrics_app
@@ -395,9 +396,10 @@ def test_directory_rule_refuses_two_disagreeing_settings() -> None:
 def test_a_directory_prepared_before_any_import_is_the_one_metrics_open(private_temp_dir: Path) -> None:
     prepared = prepare_metrics_directory()
     assert prepared == private_temp_dir / DIRECTORY_ROOT_NAME / str(os.getpid())
-    assert prepared.is_dir()
     assert os.environ[MULTIPROC_DIR_VARIABLE] == str(prepared)
+    assert not prepared.exists(), "created by the first open: a process that never records leaves nothing behind"
     with Metrics() as metrics:
         assert metrics.directory == prepared
+        assert prepared.is_dir()
     assert not prepared.exists()
     assert MULTIPROC_DIR_VARIABLE not in os.environ

@@ -1,0 +1,207 @@
+"""Scale-out: two service processes on one real Redis and one real PostgreSQL; and what happens when either is down.
+
+Limits hold across both instances, the ledger holds rows from both, and each instance's /metrics is right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from src.core.keys import key_digest
+from src.core.ledger import database_url_for_engine
+from src.devtools.servers import ServerProcess, free_port, start_mock_upstream
+from tests.e2e.network import CHAT, RunningService, chat, running_service
+
+pytestmark = pytest.mark.e2e
+
+DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/0"
+ADMIN_KEY = "llmsvc-scale-admin"
+REQUESTS_PER_MINUTE = 6
+CALLS = 10
+# A window's worth of calls must not straddle two minutes (each would admit its own 6).
+SECONDS_NEEDED_IN_THE_MINUTE = 15
+
+
+def _unavailable(what: str, url: str, problem: object) -> None:
+    message = f"{what} is not reachable at {url} ({problem}): start it, or point TEST_{what.upper()}_URL at one"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the test server, dropped afterwards."""
+    url = os.environ.get("TEST_DATABASE_URL") or DEFAULT_TEST_DATABASE_URL
+    name = f"llm_scale_{secrets.token_hex(4)}"
+
+    async def admin(statement: str) -> None:
+        # CREATE/DROP DATABASE cannot run inside a transaction.
+        engine = create_async_engine(
+            database_url_for_engine(url), isolation_level="AUTOCOMMIT", connect_args={"timeout": 5}
+        )
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text(statement))
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(admin(f"CREATE DATABASE {name}"))
+    except (OSError, SQLAlchemyError) as exc:
+        _unavailable("database", url, exc)
+    try:
+        yield url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("TEST_REDIS_URL") or DEFAULT_TEST_REDIS_URL
+    client = redis.Redis.from_url(url, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        _unavailable("redis", url, exc)
+    yield url
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log = (tmp_path_factory.mktemp("scale") / "upstream.log").open("wb")
+    server = start_mock_upstream(delay_ms=0, output=log)
+    try:
+        yield server
+    finally:
+        server.stop()
+        log.close()
+
+
+def _keys_file(directory: Path, name: str, key: str) -> Path:
+    path = directory / "keys.toml"
+    path.write_text(
+        f'[[keys]]\nname = "{name}"\nsha256 = "{key_digest(key)}"\nrequests_per_minute = {REQUESTS_PER_MINUTE}\n'
+    )
+    return path
+
+
+def _calls_by_outcome(service: RunningService, key: str) -> dict[str, float]:
+    scraped = httpx.get(service.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5)
+    assert scraped.status_code == 200
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(scraped.text):
+        for sample in family.samples:
+            if sample.name == "llm_calls_total" and sample.labels["key"] == key:
+                counts[sample.labels["outcome"]] = counts.get(sample.labels["outcome"], 0) + sample.value
+    return counts
+
+
+def _wait_for_a_fresh_minute() -> None:
+    """Start the burst early in a minute, so that all of it falls in one limit window."""
+    if 60 - time.time() % 60 < SECONDS_NEEDED_IN_THE_MINUTE:
+        time.sleep(60 - time.time() % 60 + 0.1)
+
+
+def test_two_instances_share_limits_ledger_and_report_their_own_metrics(
+    upstream: ServerProcess, postgres_database: str, redis_url: str, tmp_path: Path
+) -> None:
+    name, key = f"scale-{secrets.token_hex(4)}", f"llmsvc-{secrets.token_hex(16)}"
+    settings = {
+        "SERVICE_KEYS_FILE": str(_keys_file(tmp_path, name, key)),
+        "ADMIN_API_KEYS": ADMIN_KEY,
+        "DATABASE_URL": postgres_database,
+        "REDIS_URL": redis_url,
+    }
+    with (
+        running_service(upstream.url, tmp_path / "a", **settings) as first,
+        running_service(upstream.url, tmp_path / "b", **settings) as second,
+    ):
+        _wait_for_a_fresh_minute()
+        answers: dict[str, list[int]] = {first.url: [], second.url: []}
+        for index in range(CALLS):
+            service = (first, second)[index % 2]
+            response = httpx.post(
+                service.url + CHAT, json=chat(f"call {index}"), headers={"Authorization": f"Bearer {key}"}, timeout=10
+            )
+            answers[service.url].append(response.status_code)
+            if response.status_code == 429:
+                assert response.json()["error"]["code"] == "key_rate_limited"
+        statuses = answers[first.url] + answers[second.url]
+        assert statuses.count(200) == REQUESTS_PER_MINUTE
+        assert statuses.count(429) == CALLS - REQUESTS_PER_MINUTE
+
+        deadline = time.monotonic() + 5
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            usage = httpx.get(
+                first.url + "/api/v1/llm/usage",
+                params={"group_by": "key"},
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                timeout=5,
+            )
+            rows = [row for row in usage.json()["rows"] if row["key"] == name]
+            if rows and rows[0]["calls"] == CALLS:
+                break
+            time.sleep(0.05)
+        assert rows[0]["calls"] == CALLS
+        assert rows[0]["errors"] == CALLS - REQUESTS_PER_MINUTE
+        assert rows[0]["total_tokens"] > 0
+
+        for service in (first, second):
+            served_ok = answers[service.url].count(200)
+            outcomes = _calls_by_outcome(service, name)
+            assert outcomes.get("ok", 0) == served_ok
+            assert outcomes.get("key_rate_limited", 0) == len(answers[service.url]) - served_ok
+
+
+def test_with_redis_and_the_database_down_the_service_keeps_serving(upstream: ServerProcess, tmp_path: Path) -> None:
+    name, key = "while-down", "llmsvc-while-down"
+    with running_service(
+        upstream.url,
+        tmp_path,
+        SERVICE_KEYS_FILE=str(_keys_file(tmp_path, name, key)),
+        ADMIN_API_KEYS=ADMIN_KEY,
+        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/nothing",
+    ) as service:
+        started = time.monotonic()
+        answers = [
+            httpx.post(service.url + CHAT, json=chat(), headers={"Authorization": f"Bearer {key}"}, timeout=10)
+            for _ in range(REQUESTS_PER_MINUTE + 1)
+        ]
+        elapsed = time.monotonic() - started
+        usage = httpx.get(
+            service.url + "/api/v1/llm/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
+        )
+        scraped = httpx.get(service.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5)
+        logged = service.wait_for_log(lambda line: line["event"] == "limits_redis_unavailable")
+    # Limits fell back to this process's memory: they still hold here.
+    assert [answer.status_code for answer in answers] == [200] * REQUESTS_PER_MINUTE + [429]
+    assert elapsed < 10
+    assert usage.status_code == 503
+    assert usage.json()["error"]["code"] == "ledger_unavailable"
+    errors = next(
+        sample.value
+        for family in text_string_to_metric_families(scraped.text)
+        for sample in family.samples
+        if sample.name == "llm_redis_errors_total"
+    )
+    assert errors >= 1
+    assert "redis" in logged["event"]
