@@ -20,6 +20,15 @@ from src.devtools.servers import ServerProcess, start_mock_upstream, start_servi
 pytestmark = pytest.mark.e2e
 
 SERVICE_KEY = "svc-schemathesis-key"
+ADMIN_KEY = "svc-schemathesis-admin"
+KEYED = {"SERVICE_API_KEYS": SERVICE_KEY, "ADMIN_API_KEYS": ADMIN_KEY}
+# (settings, schemathesis arguments): an open service; with keys, the callers' routes with a chat key and the
+# operators' routes with an admin key (one bearer per run).
+CASES = {
+    "open": ({}, []),
+    "chat_key": (KEYED, ["--header", f"Authorization: Bearer {SERVICE_KEY}", "--exclude-tag", "operators"]),
+    "admin_key": (KEYED, ["--header", f"Authorization: Bearer {ADMIN_KEY}", "--include-tag", "operators"]),
+}
 # Fixed, so a finding reproduces; enough examples to reach every parameter and both response kinds.
 SEED = "20261125"
 MAX_EXAMPLES = "150"
@@ -43,9 +52,11 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess
         log.close()
 
 
-@pytest.mark.parametrize("keys", [None, SERVICE_KEY], ids=["open", "with_service_keys"])
-def test_schemathesis_default_checks_find_nothing(upstream: ServerProcess, tmp_path: Path, keys: str | None) -> None:
-    env = {**BASE_ENV, **({"SERVICE_API_KEYS": keys} if keys else {})}
+@pytest.mark.parametrize(("settings", "arguments"), CASES.values(), ids=CASES.keys())
+def test_schemathesis_default_checks_find_nothing(
+    upstream: ServerProcess, tmp_path: Path, settings: dict[str, str], arguments: list[str]
+) -> None:
+    env = {**BASE_ENV, **settings}
     with (tmp_path / "service.log").open("wb") as log:
         service = start_service(upstream_url=upstream.url, env=env, output=log)
         try:
@@ -61,13 +72,12 @@ def test_schemathesis_default_checks_find_nothing(upstream: ServerProcess, tmp_p
                 SEED,
                 "--output-sanitize",
                 "false",
+                *arguments,
             ]
-            if keys:
-                command += ["--header", f"Authorization: Bearer {keys}"]
             result = subprocess.run(
                 command, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS, check=False
             )
         finally:
             service.stop()
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert "No issues found" in result.stdout
+    assert "No issues found" in result.stdout.strip().splitlines()[-1], result.stdout[-3000:]
