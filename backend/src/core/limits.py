@@ -26,10 +26,6 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 import structlog
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 log = structlog.get_logger("limits")
 
@@ -435,6 +431,14 @@ class RedisLimiter:
         on_redis_error: Callable[[], None] | None = None,
         key_prefix: str = DEFAULT_KEY_PREFIX,
     ) -> None:
+        # Imported here, not with the module: a service without REDIS_URL never loads redis-py (~6 MiB per process).
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+
+        # OSError covers asyncio's TimeoutError and socket errors.
+        self._redis_errors: tuple[type[Exception], ...] = (RedisError, OSError)
         # No retries inside redis-py: a retry is another timeout to wait out, and the fallback is right here.
         self._redis = Redis.from_url(
             url,
@@ -471,7 +475,7 @@ class RedisLimiter:
             try:
                 async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
                     reply = await self._reserve_script(keys=keys, args=args)
-            except (RedisError, OSError) as exc:  # OSError covers asyncio's TimeoutError and socket errors
+            except self._redis_errors as exc:
                 self._redis_failed(exc)
             else:
                 self._redis_answered()
@@ -499,7 +503,7 @@ class RedisLimiter:
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
                 await self._settle_script(keys=keys, args=[delta])
-        except (RedisError, OSError) as exc:
+        except self._redis_errors as exc:
             self._redis_failed(exc)
         else:
             self._redis_answered()

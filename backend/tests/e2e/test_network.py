@@ -254,6 +254,16 @@ def test_a_caller_who_leaves_cancels_the_retries_still_pending(
         httpx.post(retrying.url + CHAT, json=chat(model=model), timeout=0.5, headers={"x-request-id": "leaves-1"})
     call = retrying.wait_for_log(lambda line: line["event"] == "llm_call" and line["request_id"] == "leaves-1")
     assert call["cancelled"] is True
+    # ...and the ledger has its row, counted as cancelled.
+    deadline = time.monotonic() + 5
+    rows: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        usage = httpx.get(retrying.url + "/api/v1/llm/usage", params={"group_by": "model"}, timeout=5).json()
+        rows = [row for row in usage["rows"] if row["model"] == model]
+        if rows:
+            break
+        time.sleep(0.05)
+    assert rows[0]["cancelled"] == 1
     # The retry was due 2 s after the first request: it never comes.
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:

@@ -205,3 +205,63 @@ def test_with_redis_and_the_database_down_the_service_keeps_serving(upstream: Se
     )
     assert errors >= 1
     assert "redis" in logged["event"]
+
+
+def test_metrics_of_a_two_worker_service_add_up_whichever_worker_answers(
+    upstream: ServerProcess, tmp_path: Path
+) -> None:
+    calls = 24
+    log_path = tmp_path / "service.log"
+    with log_path.open("wb") as log:
+        from src.devtools.servers import start_service
+
+        service = start_service(upstream_url=upstream.url, workers=2, output=log)
+        try:
+            for index in range(calls):
+                # A new connection each time, so both workers serve some.
+                answer = httpx.post(service.url + CHAT, json=chat(f"call {index}"), timeout=10)
+                assert answer.status_code == 200
+            scrapes = []
+            for _ in range(8):
+                text = httpx.get(service.url + "/metrics", timeout=5).text
+                scrapes.append(
+                    sum(
+                        sample.value
+                        for family in text_string_to_metric_families(text)
+                        for sample in family.samples
+                        if sample.name == "llm_calls_total" and sample.labels["outcome"] == "ok"
+                    )
+                )
+        finally:
+            service.stop()
+    assert scrapes == [calls] * len(scrapes)
+    workers = {
+        line.split("[")[1].split("]")[0]
+        for line in log_path.read_text().splitlines()
+        if "Started server process" in line
+    }
+    assert len(workers) >= 2
+
+
+def test_a_malformed_keys_file_stops_the_start_command_with_line_and_field(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from src.core.config import ENV_FILE_VARIABLE
+    from src.devtools.servers import BACKEND_DIR, clean_environment
+
+    path = tmp_path / "keys.toml"
+    path.write_text(f'[[keys]]\nname = "a"\nsha256 = "{key_digest("k")}"\nrequests_per_minute = "ten"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "src.main:app", "--port", str(free_port())],
+        cwd=BACKEND_DIR,
+        env={**clean_environment(), ENV_FILE_VARIABLE: "", "SERVICE_KEYS_FILE": str(path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert f"{path}:4:" in result.stderr
+    assert "'requests_per_minute'" in result.stderr
+    assert "Traceback" not in result.stderr

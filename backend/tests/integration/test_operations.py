@@ -89,12 +89,17 @@ async def test_a_named_key_calls_and_is_named_in_the_log_line(
 async def test_requests_per_minute_answers_429_with_retry_after_and_openais_headers(
     app_client: Callable[..., Any], upstream: respx.MockRouter, keyed_settings: Any
 ) -> None:
-    upstream.post("/chat/completions").respond(200, json=completion())
+    route = upstream.post("/chat/completions")
+    route.side_effect = [
+        httpx.Response(200, json=completion()),
+        httpx.Response(200, content=sse_chunks(["a"]), headers={"content-type": "text/event-stream"}),
+    ]
     async with app_client(keyed_settings) as (client, _, _):
         first = await client.post(CHAT, json=chat_body(), headers=_bearer(LIMITED_KEY))
-        second = await client.post(CHAT, json=chat_body(stream=False), headers=_bearer(LIMITED_KEY))
+        second = await client.post(CHAT, json=chat_body(stream=True), headers=_bearer(LIMITED_KEY))
         refused = await client.post(CHAT, json=chat_body(), headers=_bearer(LIMITED_KEY))
     assert first.status_code == second.status_code == 200
+    assert second.headers["content-type"].startswith("text/event-stream")
     assert first.headers["x-ratelimit-limit-requests"] == "2"
     assert first.headers["x-ratelimit-remaining-requests"] == "1"
     assert second.headers["x-ratelimit-remaining-requests"] == "0"
