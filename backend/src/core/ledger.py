@@ -7,6 +7,14 @@ the writer retries until it is back. The schema is versioned (`llm_schema_versio
 
 SQLite (the default, a local file) and PostgreSQL give the same answers: timestamps are stored as UTC (naive UTC
 text on SQLite, `TIMESTAMP WITH TIME ZONE` on PostgreSQL) and `Ledger.usage` groups by the UTC date on both.
+
+The ledger speaks plain parameterised SQL to the drivers themselves, one table of statements per database
+(`_SQLITE`, `_POSTGRESQL`), because an ORM's async layer costs every worker process ~18 MiB of resident memory for
+four kinds of statement. SQLite runs on the standard library's `sqlite3`, on one dedicated thread per ledger;
+PostgreSQL on asyncpg, imported only when the URL names PostgreSQL, so a SQLite deployment never loads it.
+
+Errors: a URL the ledger cannot use is a `ValueError` (from `start`); a database that cannot answer a usage query
+is a `LedgerUnavailableError`; the writer itself never raises, it logs and retries.
 """
 
 from __future__ import annotations
@@ -15,51 +23,42 @@ import asyncio
 import collections
 import contextlib
 import math
+import re
+import sqlite3
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol, TypeVar, get_args
+from urllib.parse import urlsplit
 
 import structlog
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Column,
-    ColumnElement,
-    Connection,
-    DateTime,
-    Dialect,
-    Double,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    TypeDecorator,
-    case,
-    cast,
-    func,
-    insert,
-    select,
-)
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, InvalidRequestError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 _log = structlog.get_logger("ledger")
 
+_T = TypeVar("_T")
+
+DialectName = Literal["sqlite", "postgresql"]
 SQLITE: Final = "sqlite"
 POSTGRESQL: Final = "postgresql"
-# The plain schemes operators write, and the async driver each one runs on.
-ASYNC_DRIVERS: Final[Mapping[str, str]] = {
-    "sqlite": "sqlite+aiosqlite",
-    "postgresql": "postgresql+asyncpg",
-    "postgres": "postgresql+asyncpg",
+# The schemes operators write. The `+driver` forms are what earlier releases (SQLAlchemy) accepted: a configuration
+# that worked before keeps working.
+SCHEMES: Final[Mapping[str, DialectName]] = {
+    "sqlite": SQLITE,
+    "sqlite+aiosqlite": SQLITE,
+    "postgresql": POSTGRESQL,
+    "postgres": POSTGRESQL,
+    "postgresql+asyncpg": POSTGRESQL,
+    "postgres+asyncpg": POSTGRESQL,
 }
+# What RFC 3986 allows in a scheme: anything else before "://" is no scheme, and may be a password (never echoed).
+_SCHEME_SYNTAX: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 URL_EXAMPLES: Final = "sqlite:///path/to/ledger.db or postgresql://user:password@host:5432/database"
 SQLITE_IN_MEMORY: Final = ":memory:"
+MAX_PORT: Final = 65_535
 
 DEFAULT_FLUSH_INTERVAL_SECONDS: Final = 0.5
 DEFAULT_BATCH_SIZE: Final = 500
@@ -72,6 +71,8 @@ STARTUP_TIMEOUT_SECONDS: Final = 5.0
 # A connection that hangs (no RST, no keepalive) would stall the writer forever. Cutting an attempt off may, at
 # worst, cut a commit that did land, and its rows are written again: a rare duplicate beats a ledger that stops.
 ATTEMPT_TIMEOUT_SECONDS: Final = 30.0
+# Closing a PostgreSQL connection politely waits for the server; a server that does not answer is cut off instead.
+CONNECTION_CLOSE_TIMEOUT_SECONDS: Final = 2.0
 # Warnings about dropped rows and failed writes repeat for as long as the cause lasts: one line per interval, with
 # the count since the previous line, keeps the log readable during an outage.
 WARNING_INTERVAL_SECONDS: Final = 10.0
@@ -79,13 +80,9 @@ WARNING_INTERVAL_SECONDS: Final = 10.0
 ERROR_MESSAGE_LIMIT: Final = 300
 # Any fixed 64-bit number works, as long as every instance uses the same one: it names the ledger's migration lock.
 MIGRATION_LOCK_ID: Final = 0x6C65_6467_6572_0001
-# The results of a usage query are ordered by the group value as bytes on both databases; PostgreSQL's default
-# collation would otherwise order "B" and "a" differently from SQLite.
-POSTGRES_BYTE_ORDER_COLLATION: Final = "C"
 
 GroupBy = Literal["key", "model", "user", "day"]
-# `usage(group_by=...)`: the llm_calls column behind each grouping (the day is computed from `ts`).
-GROUP_COLUMNS: Final[Mapping[str, str]] = {"key": "key_name", "model": "model", "user": "user", "day": "ts"}
+GROUPINGS: Final[tuple[GroupBy, ...]] = get_args(GroupBy)
 TOKEN_TOTALS: Final = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -121,67 +118,166 @@ _ROW_FIELDS: Final = tuple(field.name for field in fields(LedgerRow))
 
 
 class LedgerUnavailableError(RuntimeError):
-    """The ledger's database could not answer a query (down, unreachable, or not migrated yet)."""
+    """The ledger's database could not answer a query (down, unreachable, not migrated yet, or the ledger closed)."""
 
 
-class UtcDateTime(TypeDecorator[datetime]):
-    """A timestamp stored as UTC and read back timezone-aware, the same way on SQLite and PostgreSQL."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        # SQLite has no time zones: it keeps naive UTC text, which compares and sorts the way time does because
-        # every value is written in the same fixed-width format.
-        return utc.replace(tzinfo=None) if dialect.name == SQLITE else utc
-
-    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if not isinstance(value, datetime):
-            raise TypeError(f"expected a datetime from the database, got {type(value).__name__}")
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+# --- URLs ---------------------------------------------------------------------------------------------------------
 
 
-metadata = MetaData()
+@dataclass(frozen=True, slots=True)
+class DatabaseUrl:
+    """A ledger database URL, taken apart: which database, what its driver connects to, and a name safe to log."""
 
-llm_calls = Table(
-    "llm_calls",
-    metadata,
-    # SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid); PostgreSQL gets a 64-bit identity.
-    Column("id", BigInteger().with_variant(Integer(), SQLITE), primary_key=True, autoincrement=True),
-    Column("ts", UtcDateTime(), nullable=False),
-    Column("request_id", String(), nullable=False),
-    Column("route", String(), nullable=False),
-    Column("key_name", String()),
-    Column("user", String()),
-    Column("model", String(), nullable=False),
-    Column("upstream_model", String()),
-    Column("stream", Boolean(), nullable=False),
-    Column("status", Integer(), nullable=False),
-    Column("code", String()),
-    # 64-bit: a row the database refuses (an absurd count from an upstream) would stall the writer's retries.
-    Column("prompt_tokens", BigInteger()),
-    Column("completion_tokens", BigInteger()),
-    Column("total_tokens", BigInteger()),
-    Column("reasoning_tokens", BigInteger()),
-    Column("cached_tokens", BigInteger()),
-    Column("latency_ms", Double(), nullable=False),
-    Column("ttft_ms", Double()),
-    Column("cancelled", Boolean(), nullable=False),
-    # Usage reports select a time range, overall or for one key.
-    Index("ix_llm_calls_ts", "ts"),
-    Index("ix_llm_calls_key_name_ts", "key_name", "ts"),
+    dialect: DialectName
+    # The SQLite file (":memory:" for a database that lives as long as its connection), or the DSN for asyncpg.
+    # Kept out of repr: a DSN may hold a password.
+    target: str = field(repr=False)
+    # The URL without its password, and without its query (asyncpg reads a `password=` option there too).
+    display: str
+
+
+def parse_database_url(url: str) -> DatabaseUrl:
+    """Take `url` apart: `sqlite:///relative/path`, `sqlite:////absolute/path`, `sqlite://` (in memory),
+    `postgresql://` or `postgres://` (a `+asyncpg` or `+aiosqlite` driver suffix is accepted and ignored).
+
+    Raises ValueError for anything else. The message never repeats the URL: it may hold a password.
+    """
+    scheme, separator, rest = url.strip().partition("://")
+    if not separator or not _SCHEME_SYNTAX.fullmatch(scheme):
+        raise ValueError(f"the database URL is not a URL: expected {URL_EXAMPLES}")
+    dialect = SCHEMES.get(scheme.lower())
+    if dialect is None:
+        raise ValueError(f"unsupported database URL scheme {scheme!r}: expected {URL_EXAMPLES}")
+    if dialect == SQLITE:
+        return _parse_sqlite(rest)
+    return _parse_postgresql(scheme, rest)
+
+
+def _parse_sqlite(rest: str) -> DatabaseUrl:
+    if rest and not rest.startswith("/"):
+        raise ValueError("malformed sqlite:// database URL: a file is sqlite:///relative or sqlite:////absolute")
+    if "?" in rest:
+        # Earlier releases passed query options on to the driver; taking them as part of the file name instead
+        # would quietly open another file.
+        raise ValueError("sqlite:// database URLs take no query options")
+    path = rest[1:] or SQLITE_IN_MEMORY
+    return DatabaseUrl(dialect=SQLITE, target=path, display=f"sqlite:///{path}")
+
+
+def _parse_postgresql(scheme: str, rest: str) -> DatabaseUrl:
+    # asyncpg parses the DSN itself, but only when it connects, and its errors may quote it: what would make it
+    # fail is refused here, at start, where a bad URL is a configuration error and not an outage.
+    malformed = f"malformed {scheme}:// database URL (not shown: it may hold a password)"
+    try:
+        parts = urlsplit(f"{POSTGRESQL}://{rest}")
+    # ValueError: unbalanced IPv6 brackets. `from None`: a chained message could quote the URL.
+    except ValueError:
+        raise ValueError(malformed) from None
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    # libpq's multi-host form, "host1:5432,host2:5433", is valid: check each host's port.
+    for host in hosts.split(","):
+        port = host.rpartition("]")[2] if host.startswith("[") else host.partition(":")[2]
+        if port.startswith(":"):
+            port = port[1:]
+        if port and not (port.isascii() and port.isdigit() and int(port) <= MAX_PORT):
+            raise ValueError(malformed)
+    user, colon, _ = userinfo.partition(":")
+    credentials = f"{user}{':***' if colon else ''}{at}"
+    return DatabaseUrl(
+        dialect=POSTGRESQL,
+        target=f"{POSTGRESQL}://{rest}",
+        display=f"{POSTGRESQL}://{credentials}{hosts}{parts.path}",
+    )
+
+
+# --- Statements ---------------------------------------------------------------------------------------------------
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _sqlite_timestamp(value: datetime) -> str:
+    # SQLite has no timestamp type. Naive UTC text in one fixed-width format compares and sorts the way time does;
+    # it is also the format SQLAlchemy wrote, so databases from earlier releases read the same.
+    return _utc(value).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
+def _insert_call(placeholders: Sequence[str]) -> str:
+    columns = ", ".join(f'"{name}"' for name in _ROW_FIELDS)
+    # Only the column names and the placeholders are formatted in, both constants; the values are parameters.
+    return f"INSERT INTO llm_calls ({columns}) VALUES ({', '.join(placeholders)})"  # noqa: S608
+
+
+def _usage_statements(*, day: str, start: str, end: str, order_collation: str) -> Mapping[GroupBy, str]:
+    """The usage query for each grouping: the group's value, then calls, errors, cancelled and TOKEN_TOTALS."""
+    groups: Mapping[GroupBy, str] = {"key": "key_name", "model": "model", "user": '"user"', "day": day}
+    # The sums are cast back to BIGINT: PostgreSQL sums a BIGINT as NUMERIC (a Decimal in Python).
+    sums = ", ".join(f"CAST(coalesce(sum({name}), 0) AS BIGINT)" for name in TOKEN_TOTALS)
+    # Only the expressions above are formatted in, all constants; the bounds are parameters. Grouping a subquery's
+    # column keeps the day's expression out of GROUP BY and ORDER BY, where it would have to be repeated exactly.
+    return {
+        group_by: (
+            f"SELECT group_value, count(*), count(code), count(CASE WHEN cancelled THEN 1 END), {sums} "  # noqa: S608
+            f"FROM (SELECT {expression} AS group_value, code, cancelled, {', '.join(TOKEN_TOTALS)} FROM llm_calls "
+            f"WHERE ts >= {start} AND ts < {end}) AS calls "
+            f"GROUP BY group_value ORDER BY group_value{order_collation} ASC NULLS FIRST"
+        )
+        for group_by, expression in groups.items()
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Dialect:
+    """Every statement the ledger runs on one kind of database, and how that database takes a timestamp."""
+
+    name: DialectName
+    # Taken at the start of the migration's transaction and held to its end, so that instances starting together
+    # migrate one after the other; None where the database lets only one writer in at a time anyway.
+    lock_migrations: str | None
+    create_schema_versions: str
+    schema_version: str
+    insert_schema_version: str
+    insert_call: str
+    usage: Mapping[GroupBy, str]
+    timestamp: Callable[[datetime], Any]
+
+
+_SQLITE: Final = _Dialect(
+    name=SQLITE,
+    lock_migrations=None,
+    create_schema_versions=(
+        "CREATE TABLE IF NOT EXISTS llm_schema_version (version INTEGER NOT NULL PRIMARY KEY, "
+        "applied_at DATETIME NOT NULL)"
+    ),
+    schema_version="SELECT max(version) FROM llm_schema_version",
+    insert_schema_version="INSERT INTO llm_schema_version (version, applied_at) VALUES (?, ?)",
+    insert_call=_insert_call(["?"] * len(_ROW_FIELDS)),
+    # The naive UTC text starts with the UTC date.
+    usage=_usage_statements(day="substr(ts, 1, 10)", start="?", end="?", order_collation=""),
+    timestamp=_sqlite_timestamp,
 )
 
-schema_versions = Table(
-    "llm_schema_version",
-    metadata,
-    Column("version", Integer(), primary_key=True, autoincrement=False),
-    Column("applied_at", UtcDateTime(), nullable=False),
+_POSTGRESQL: Final = _Dialect(
+    name=POSTGRESQL,
+    lock_migrations="SELECT pg_advisory_xact_lock($1)",
+    create_schema_versions=(
+        "CREATE TABLE IF NOT EXISTS llm_schema_version (version INTEGER NOT NULL PRIMARY KEY, "
+        "applied_at TIMESTAMP WITH TIME ZONE NOT NULL)"
+    ),
+    schema_version="SELECT max(version) FROM llm_schema_version",
+    insert_schema_version="INSERT INTO llm_schema_version (version, applied_at) VALUES ($1, $2)",
+    insert_call=_insert_call([f"${n}" for n in range(1, len(_ROW_FIELDS) + 1)]),
+    # The UTC wall-clock date whatever the session's TimeZone says; to_char, because date-to-text follows DateStyle.
+    usage=_usage_statements(
+        day="to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        start="$1",
+        end="$2",
+        # Ordered by the group's value as bytes, as SQLite does: PostgreSQL's default collation would order "B"
+        # and "a" the other way round.
+        order_collation=' COLLATE "C"',
+    ),
+    timestamp=_utc,
 )
 
 
@@ -191,78 +287,292 @@ class Migration:
 
     version: int
     description: str
-    apply: Callable[[Connection], None]
+    statements: Mapping[DialectName, tuple[str, ...]]
 
 
-def _create_llm_calls(connection: Connection) -> None:
-    # `llm_calls` above is version 1 as it stands. When a later migration changes that table, this step must keep
-    # creating version 1 (a copy of the table as it was), or a fresh database would get the change twice.
-    # `checkfirst`: SQLite runs DDL outside the transaction, so a start cut short can leave the table without its
-    # version row; the next start then finds the table there.
-    llm_calls.create(connection, checkfirst=True)
-
-
-MIGRATIONS: Final[tuple[Migration, ...]] = (
-    Migration(version=1, description="create llm_calls and its indexes", apply=_create_llm_calls),
+# Version 1 as it stands. When a later migration changes a table, this step must keep creating version 1, or a
+# fresh database would get the change twice. `IF NOT EXISTS`: a database that earlier releases created without their
+# version row (SQLite ran their DDL outside the transaction) finds its tables there.
+_CREATE_LLM_CALLS: Final = Migration(
+    version=1,
+    description="create llm_calls and its indexes",
+    statements={
+        SQLITE: (
+            # INTEGER PRIMARY KEY: SQLite's rowid, the only column it autoincrements.
+            "CREATE TABLE IF NOT EXISTS llm_calls ("
+            "id INTEGER NOT NULL PRIMARY KEY, ts DATETIME NOT NULL, request_id VARCHAR NOT NULL, "
+            "route VARCHAR NOT NULL, key_name VARCHAR, user VARCHAR, model VARCHAR NOT NULL, upstream_model VARCHAR, "
+            "stream BOOLEAN NOT NULL, status INTEGER NOT NULL, code VARCHAR, prompt_tokens BIGINT, "
+            "completion_tokens BIGINT, total_tokens BIGINT, reasoning_tokens BIGINT, cached_tokens BIGINT, "
+            "latency_ms DOUBLE NOT NULL, ttft_ms DOUBLE, cancelled BOOLEAN NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS ix_llm_calls_ts ON llm_calls (ts)",
+            "CREATE INDEX IF NOT EXISTS ix_llm_calls_key_name_ts ON llm_calls (key_name, ts)",
+        ),
+        POSTGRESQL: (
+            # Token counts are 64-bit: a row the database refuses (an absurd count from an upstream) would stall
+            # the writer's retries.
+            "CREATE TABLE IF NOT EXISTS llm_calls ("
+            "id BIGSERIAL NOT NULL PRIMARY KEY, ts TIMESTAMP WITH TIME ZONE NOT NULL, request_id VARCHAR NOT NULL, "
+            'route VARCHAR NOT NULL, key_name VARCHAR, "user" VARCHAR, model VARCHAR NOT NULL, '
+            "upstream_model VARCHAR, stream BOOLEAN NOT NULL, status INTEGER NOT NULL, code VARCHAR, "
+            "prompt_tokens BIGINT, completion_tokens BIGINT, total_tokens BIGINT, reasoning_tokens BIGINT, "
+            "cached_tokens BIGINT, latency_ms DOUBLE PRECISION NOT NULL, ttft_ms DOUBLE PRECISION, "
+            "cancelled BOOLEAN NOT NULL)",
+            # Usage reports select a time range, overall or for one key.
+            "CREATE INDEX IF NOT EXISTS ix_llm_calls_ts ON llm_calls (ts)",
+            "CREATE INDEX IF NOT EXISTS ix_llm_calls_key_name_ts ON llm_calls (key_name, ts)",
+        ),
+    },
 )
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (_CREATE_LLM_CALLS,)
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 
 
-def database_url_for_engine(url: str) -> str:
-    """The SQLAlchemy async URL for `url`: `sqlite:///path` runs on aiosqlite (the file's directory is created),
-    `postgresql://` and `postgres://` on asyncpg; a URL that already names its driver is kept as it is.
+# --- Databases ----------------------------------------------------------------------------------------------------
 
-    Raises ValueError for anything else. The message never repeats the URL: it may hold a password.
-    """
-    scheme, separator, rest = url.strip().partition("://")
-    if not separator or not scheme:
-        raise ValueError(f"the database URL is not a URL: expected {URL_EXAMPLES}")
-    if "+" in scheme:
-        engine_url = url.strip()
-    elif scheme.lower() in ASYNC_DRIVERS:
-        engine_url = f"{ASYNC_DRIVERS[scheme.lower()]}://{rest}"
-    else:
-        raise ValueError(f"unsupported database URL scheme {scheme!r}: expected {URL_EXAMPLES}")
-    try:
-        parsed = make_url(engine_url)
-    # ValueError: a port that is not a number.
-    except (ArgumentError, ValueError):
-        # `from None`: SQLAlchemy's message quotes the whole URL, password included, and a chained exception would
-        # print it in the traceback.
-        raise ValueError(f"malformed {scheme}:// database URL (not shown: it may hold a password)") from None
-    database = parsed.database
-    if parsed.get_backend_name() == SQLITE and database and database != SQLITE_IN_MEMORY:
-        directory = Path(database).parent
+
+class _Session(Protocol):
+    """Statements on one connection, inside `_Database.transaction()` or `_Database.connection()`."""
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> None: ...
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Sequence[Any]]: ...
+
+
+class _Database(Protocol):
+    """One database's connection, used by one caller at a time, and reopened after any failure."""
+
+    @property
+    def dialect(self) -> _Dialect: ...
+
+    @property
+    def errors(self) -> tuple[type[Exception], ...]:
+        """What the driver raises when the database cannot answer."""
+        ...
+
+    def transaction(self) -> AbstractAsyncContextManager[_Session]:
+        """A write transaction: committed when the block ends, rolled back when it raises."""
+        ...
+
+    def connection(self) -> AbstractAsyncContextManager[_Session]:
+        """Statements outside a transaction: reads."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _SqliteDatabase:
+    """SQLite through the standard library. A sqlite3 connection belongs to the thread that opened it, and its calls
+    block: every call runs on this ledger's own thread, in the order it was asked for."""
+
+    dialect: Final = _SQLITE
+    errors: Final[tuple[type[Exception], ...]] = (sqlite3.Error, OSError)
+
+    def __init__(self, path: str, connect_options: Mapping[str, Any]) -> None:
+        self._path = path
+        # isolation_level=None: sqlite3 leaves transactions to `transaction()`, so DDL is inside them too.
+        self._connect_options = {**connect_options, "isolation_level": None}
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        # Only ever touched on `_thread`.
+        self._connection: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    def transaction(self) -> AbstractAsyncContextManager[_Session]:
+        return self._use(transaction=True)
+
+    def connection(self) -> AbstractAsyncContextManager[_Session]:
+        return self._use(transaction=False)
+
+    @contextlib.asynccontextmanager
+    async def _use(self, *, transaction: bool) -> AsyncIterator[_Session]:
+        async with self._lock:
+            try:
+                await self._run(self._open, transaction)
+                yield self
+                if transaction:
+                    await self._run(self._commit)
+            except BaseException:
+                # Whatever failed (a statement, the commit, a timeout), the next use starts on a fresh connection.
+                # Queued behind what still runs on the thread, and not awaited, so that a cancellation cannot skip it.
+                self._thread.submit(self._discard)
+                raise
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
+        await self._run(self._execute, sql, args)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._run(self._executemany, sql, rows)
+
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        return await self._run(self._fetch, sql, args)
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            await self._run(self._discard)
+        self._thread.shutdown(wait=False)
+
+    async def _run(self, function: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+    # What follows runs on `_thread`.
+
+    def _open(self, transaction: bool) -> None:
+        if self._connection is None:
+            if self._path != SQLITE_IN_MEMORY:
+                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            self._connection = sqlite3.connect(self._path, **self._connect_options)
+        if transaction:
+            # IMMEDIATE: take the write lock now. A deferred transaction that reads first and writes later can find
+            # another process's write in its way, and then fails at once instead of waiting its busy timeout.
+            self._connection.execute("BEGIN IMMEDIATE")
+
+    def _opened(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise sqlite3.InterfaceError("the ledger's SQLite connection is not open")
+        return self._connection
+
+    def _commit(self) -> None:
+        self._opened().execute("COMMIT")
+
+    def _execute(self, sql: str, args: Sequence[Any]) -> None:
+        self._opened().execute(sql, args)
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._opened().executemany(sql, rows)
+
+    def _fetch(self, sql: str, args: Sequence[Any]) -> list[Sequence[Any]]:
+        return list(self._opened().execute(sql, args).fetchall())
+
+    def _discard(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            # Not fatal here: the ledger reports the database as unavailable and keeps retrying, as for any outage.
-            _log.warning("ledger_directory_failed", directory=str(directory), error=str(exc))
-    return engine_url
+            # Rolls back a transaction left open.
+            connection.close()
+        # The connection is dropped either way, and the next use opens a new one: nothing else to do.
+        except sqlite3.Error as exc:
+            _log.info("ledger_connection_close_failed", error_type=type(exc).__name__, error=_error_text(exc))
+
+
+class _AsyncpgConnection(Protocol):
+    """The part of `asyncpg.Connection` the ledger uses (asyncpg ships no type information)."""
+
+    async def execute(self, query: str, *args: Any) -> str: ...
+
+    async def executemany(self, command: str, args: Sequence[Sequence[Any]]) -> None: ...
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
+
+    def is_closed(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+    def terminate(self) -> None: ...
+
+
+class _PostgresSession:
+    def __init__(self, connection: _AsyncpgConnection) -> None:
+        self._connection = connection
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
+        await self._connection.execute(sql, *args)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._connection.executemany(sql, rows)
+
+    async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        return list(await self._connection.fetch(sql, *args))
+
+
+class _PostgresDatabase:
+    """PostgreSQL through asyncpg: one connection, opened on first use and again after any failure."""
+
+    dialect: Final = _POSTGRESQL
+
+    def __init__(self, dsn: str, connect_options: Mapping[str, Any]) -> None:
+        # Here, not at the top: a SQLite deployment never loads asyncpg (~3 MiB per process).
+        import asyncpg
+
+        self._connect: Callable[..., Awaitable[Any]] = asyncpg.connect
+        self.errors: tuple[type[Exception], ...] = (
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            # Refused connections, and asyncpg's own connect timeout.
+            OSError,
+        )
+        self._dsn = dsn
+        self._connect_options = dict(connect_options)
+        self._connection: _AsyncpgConnection | None = None
+        self._lock = asyncio.Lock()
+
+    def transaction(self) -> AbstractAsyncContextManager[_Session]:
+        return self._use(transaction=True)
+
+    def connection(self) -> AbstractAsyncContextManager[_Session]:
+        return self._use(transaction=False)
+
+    @contextlib.asynccontextmanager
+    async def _use(self, *, transaction: bool) -> AsyncIterator[_Session]:
+        async with self._lock:
+            connection = self._connection
+            # A connection the server closed (a restart, an idle timeout) is noticed here, before a write fails on it.
+            if connection is None or connection.is_closed():
+                connection = self._connection = await self._open()
+            try:
+                if transaction:
+                    await connection.execute("BEGIN")
+                yield _PostgresSession(connection)
+                if transaction:
+                    await connection.execute("COMMIT")
+            except BaseException:
+                # After a failure the connection's state is unknown (a statement cut off by a timeout may still run
+                # on the server): drop it, which also rolls back its transaction, rather than wait on a ROLLBACK.
+                self._discard(connection)
+                raise
+
+    async def aclose(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if self._lock.locked():
+            # A usage query still runs on it: shutdown does not wait for it.
+            connection.terminate()
+            return
+        try:
+            async with asyncio.timeout(CONNECTION_CLOSE_TIMEOUT_SECONDS):
+                await connection.close()
+        # asyncpg has cut the connection off itself by then (TimeoutError is an OSError); shutdown goes on.
+        except self.errors as exc:
+            _log.info("ledger_connection_close_failed", error_type=type(exc).__name__, error=_error_text(exc))
+
+    async def _open(self) -> _AsyncpgConnection:
+        connection: _AsyncpgConnection = await self._connect(self._dsn, **self._connect_options)
+        return connection
+
+    def _discard(self, connection: _AsyncpgConnection) -> None:
+        connection.terminate()
+        if self._connection is connection:
+            self._connection = None
+
+
+def _open_database(url: DatabaseUrl, connect_options: Mapping[str, Any]) -> _Database:
+    if url.dialect == SQLITE:
+        return _SqliteDatabase(url.target, connect_options)
+    return _PostgresDatabase(url.target, connect_options)
 
 
 def _error_text(exc: BaseException) -> str:
-    """The gist of a database error: the driver's own message, without SQLAlchemy's statement and parameters."""
-    cause = getattr(exc, "orig", None) or exc
-    return (str(cause) or type(cause).__name__)[:ERROR_MESSAGE_LIMIT]
+    """The gist of a database error, short enough for a log line."""
+    return (str(exc) or type(exc).__name__)[:ERROR_MESSAGE_LIMIT]
 
 
-def _row_values(row: LedgerRow) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in _ROW_FIELDS}
-
-
-def _utc_day(ts: ColumnElement[datetime], dialect: str) -> ColumnElement[str]:
-    """The UTC date of `ts` as "YYYY-MM-DD", computed by the database."""
-    if dialect == POSTGRESQL:
-        # timezone('UTC', timestamptz) is the UTC wall-clock time, whatever the session's TimeZone setting says.
-        return func.to_char(func.timezone("UTC", ts), "YYYY-MM-DD", type_=String())
-    # SQLite holds naive UTC text already: its date() is the UTC date.
-    return func.date(ts, type_=String())
-
-
-def _sum_or_zero(column: ColumnElement[Any]) -> ColumnElement[int]:
-    # PostgreSQL sums BIGINT as NUMERIC (a Decimal in Python): cast back so both databases answer with ints.
-    return cast(func.coalesce(func.sum(column), 0), BigInteger())
+def _row_values(row: LedgerRow, timestamp: Callable[[datetime], Any]) -> tuple[Any, ...]:
+    return tuple(timestamp(row.ts) if name == "ts" else getattr(row, name) for name in _ROW_FIELDS)
 
 
 class _ThrottledWarning:
@@ -310,11 +620,11 @@ class Ledger:
         retry_seconds: float = DEFAULT_RETRY_SECONDS,
         on_dropped: Callable[[int], None] | None = None,
         on_write_error: Callable[[], None] | None = None,
-        engine_options: Mapping[str, Any] | None = None,
+        connect_options: Mapping[str, Any] | None = None,
     ) -> None:
-        """`engine_options` go to `create_async_engine` (e.g. `connect_args`, pool sizes); `on_dropped(n)` is told
-        of rows dropped from a full queue and `on_write_error()` of each failed attempt to reach or write the
-        database, both for metrics."""
+        """`connect_options` go to the driver's connect: `sqlite3.connect` (e.g. `timeout`) or `asyncpg.connect`
+        (e.g. `server_settings`, `ssl`); `on_dropped(n)` is told of rows dropped from a full queue and
+        `on_write_error()` of each failed attempt to reach or write the database, both for metrics."""
         if flush_interval_seconds <= 0 or retry_seconds <= 0:
             raise ValueError("flush_interval_seconds and retry_seconds must be positive")
         if batch_size < 1 or queue_limit < 1:
@@ -326,11 +636,10 @@ class Ledger:
         self._retry_seconds = retry_seconds
         self._on_dropped = on_dropped
         self._on_write_error = on_write_error
-        # Stale pooled connections after a database restart would fail the first write: check them first.
-        self._engine_options: dict[str, Any] = {"pool_pre_ping": True, **(engine_options or {})}
+        self._connect_options: Mapping[str, Any] = dict(connect_options or {})
         self._queue: collections.deque[LedgerRow] = collections.deque()
         self._dropped = 0
-        self._engine: AsyncEngine | None = None
+        self._db: _Database | None = None
         self._database = "(not started)"
         self._migrated = False
         self._failing = False
@@ -352,25 +661,23 @@ class Ledger:
         return self._dropped
 
     async def start(self) -> None:
-        """Create the engine, migrate the schema, start the writer. Raises ValueError for a URL it cannot use;
-        a database it cannot reach is logged (`ledger_unavailable`) and retried in the background."""
-        if self._engine is not None or self._closed:
+        """Migrate the schema and start the writer. Raises ValueError for a URL it cannot use; a database it cannot
+        reach is logged (`ledger_unavailable`) and retried in the background."""
+        if self._db is not None or self._closed:
             raise RuntimeError("a Ledger starts once")
-        engine_url = database_url_for_engine(self._url)
+        url = parse_database_url(self._url)
         try:
-            engine = create_async_engine(engine_url, **self._engine_options)
-        except (ArgumentError, InvalidRequestError, ImportError) as exc:
-            # An unknown or synchronous driver: configuration, not an outage. The URL itself stays out of the
-            # message (and of the chain, hence `from None`) because it may hold a password.
-            scheme = engine_url.partition("://")[0]
-            raise ValueError(f"cannot use a {scheme}:// database URL: {type(exc).__name__}") from None
-        self._engine = engine
-        self._database = engine.url.render_as_string(hide_password=True)
+            db = _open_database(url, self._connect_options)
+        except ImportError as exc:
+            # A driver missing from the install: configuration, not an outage.
+            raise ValueError(f"cannot use a {url.dialect}:// database URL: {type(exc).__name__}: {exc}") from None
+        self._db = db
+        self._database = url.display
         try:
             async with asyncio.timeout(STARTUP_TIMEOUT_SECONDS):
-                await self._migrate(engine)
-        # Whatever stops the first migration (connection refused, a timeout, a driver error SQLAlchemy does not
-        # wrap), the service starts anyway: the writer keeps trying, and rows wait in the queue meanwhile.
+                await self._migrate(db)
+        # Whatever stops the first migration (connection refused, a timeout, a driver error), the service starts
+        # anyway: the writer keeps trying, and rows wait in the queue meanwhile.
         except Exception as exc:
             self._failing = True
             _log.warning(
@@ -400,7 +707,8 @@ class Ledger:
             self._wakeup.set()
 
     async def aclose(self, timeout_seconds: float = DEFAULT_CLOSE_TIMEOUT_SECONDS) -> None:
-        """Stop the writer after one last flush (within `timeout_seconds`), then close the engine. Idempotent."""
+        """Stop the writer after one last flush (within `timeout_seconds`), then close the database connection.
+        Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -417,8 +725,8 @@ class Ledger:
         self._failure_warning.flush()
         if self._queue:
             _log.warning("ledger_rows_unwritten", rows=len(self._queue), database=self._database)
-        if self._engine is not None:
-            await self._engine.dispose()
+        if self._db is not None:
+            await self._db.aclose()
 
     async def usage(self, *, start: datetime, end: datetime, group_by: GroupBy) -> list[dict[str, Any]]:
         """Calls, errors, cancellations and token sums for `start <= ts < end`, one dict per group, ordered by the
@@ -426,76 +734,51 @@ class Ledger:
         `day` ("YYYY-MM-DD", the UTC date). Rows still queued are not counted yet.
 
         Raises ValueError for naive datetimes or an unknown grouping, LedgerUnavailableError when the database
-        cannot answer.
+        cannot answer or the ledger is closed.
         """
         if start.tzinfo is None or end.tzinfo is None:
             raise ValueError("usage() needs timezone-aware start and end")
-        if group_by not in GROUP_COLUMNS:
-            raise ValueError(f"group_by must be one of {sorted(GROUP_COLUMNS)}, not {group_by!r}")
-        engine = self._engine
-        if engine is None:
+        if group_by not in GROUPINGS:
+            raise ValueError(f"group_by must be one of {sorted(GROUPINGS)}, not {group_by!r}")
+        db = self._db
+        if db is None:
             raise RuntimeError("Ledger.usage() before Ledger.start()")
-        dialect = engine.dialect.name
-        column = llm_calls.c[GROUP_COLUMNS[group_by]]
-        group = _utc_day(llm_calls.c.ts, dialect) if group_by == "day" else column
-        # Grouping a subquery's plain column, not an expression: PostgreSQL would not match a GROUP BY expression
-        # with bound parameters (the day's format) to the same expression in the select list.
-        calls = (
-            select(
-                group.label("group_value"),
-                llm_calls.c.code,
-                llm_calls.c.cancelled,
-                *(llm_calls.c[name] for name in TOKEN_TOTALS),
-            )
-            .where(llm_calls.c.ts >= start, llm_calls.c.ts < end)
-            .subquery("calls")
-        )
-        order: ColumnElement[Any] = calls.c.group_value
-        if dialect == POSTGRESQL:
-            order = order.collate(POSTGRES_BYTE_ORDER_COLLATION)
-        query = (
-            select(
-                calls.c.group_value,
-                func.count().label("calls"),
-                func.count(calls.c.code).label("errors"),
-                func.count(case((calls.c.cancelled, 1))).label("cancelled"),
-                *(_sum_or_zero(calls.c[name]).label(name) for name in TOKEN_TOTALS),
-            )
-            .group_by(calls.c.group_value)
-            .order_by(order.asc().nulls_first())
-        )
+        if self._closed:
+            raise LedgerUnavailableError("the ledger is closed")
+        dialect = db.dialect
         try:
-            async with engine.connect() as connection:
-                result = (await connection.execute(query)).mappings().all()
-        # OSError: drivers raise connection failures as they are (asyncpg's refused connect), not wrapped.
-        except (SQLAlchemyError, OSError) as exc:
+            async with db.connection() as session:
+                rows = await session.fetch(dialect.usage[group_by], (dialect.timestamp(start), dialect.timestamp(end)))
+        except db.errors as exc:
             raise LedgerUnavailableError(f"the ledger database cannot answer: {_error_text(exc)}") from exc
         return [
             {
-                group_by: row["group_value"],
-                "calls": int(row["calls"]),
-                "errors": int(row["errors"]),
-                "cancelled": int(row["cancelled"]),
-                **{name: int(row[name]) for name in TOKEN_TOTALS},
+                group_by: group,
+                "calls": int(calls),
+                "errors": int(errors),
+                "cancelled": int(cancelled),
+                **{name: int(total) for name, total in zip(TOKEN_TOTALS, totals, strict=True)},
             }
-            for row in result
+            for group, calls, errors, cancelled, *totals in rows
         ]
 
-    async def _migrate(self, engine: AsyncEngine) -> None:
+    async def _migrate(self, db: _Database) -> None:
         """Bring the schema to SCHEMA_VERSION, in one transaction; safe to run from several instances at once."""
-        async with engine.begin() as connection:
-            if connection.dialect.name == POSTGRESQL:
+        dialect = db.dialect
+        async with db.transaction() as session:
+            if dialect.lock_migrations is not None:
                 # Two instances starting together would both see version 0 and both create the tables: the second
                 # waits here until the first commits, then finds the work done. The lock ends with the transaction.
-                await connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_ID)))
-            await connection.run_sync(schema_versions.create, checkfirst=True)
-            current = await self._schema_version(connection)
+                await session.execute(dialect.lock_migrations, (MIGRATION_LOCK_ID,))
+            await session.execute(dialect.create_schema_versions)
+            (found,), *_ = await session.fetch(dialect.schema_version)
+            current = int(found) if found is not None else 0
             pending = [migration for migration in MIGRATIONS if migration.version > current]
             for migration in pending:
-                await connection.run_sync(migration.apply)
-                await connection.execute(
-                    insert(schema_versions).values(version=migration.version, applied_at=datetime.now(UTC))
-                )
+                for statement in migration.statements[dialect.name]:
+                    await session.execute(statement)
+                applied_at = dialect.timestamp(datetime.now(UTC))
+                await session.execute(dialect.insert_schema_version, (migration.version, applied_at))
         if pending:
             _log.info("ledger_migrated", database=self._database, from_version=current, to_version=SCHEMA_VERSION)
         elif current > SCHEMA_VERSION:
@@ -503,11 +786,6 @@ class Ledger:
             # columns this version knows still works as long as migrations only ever add.
             _log.warning("ledger_schema_newer", database=self._database, found=current, known=SCHEMA_VERSION)
         self._migrated = True
-
-    @staticmethod
-    async def _schema_version(connection: AsyncConnection) -> int:
-        version = (await connection.execute(select(func.max(schema_versions.c.version)))).scalar_one()
-        return int(version) if version is not None else 0
 
     async def _run(self) -> None:
         """The writer: wait for the interval (or a full batch), write, and on failure wait `retry_seconds`."""
@@ -538,24 +816,26 @@ class Ledger:
 
     async def _attempt(self) -> bool:
         """Migrate if that is still to do, then write every queued row in one transaction. False when it failed."""
-        engine = self._engine
-        if engine is None:
+        db = self._db
+        if db is None:
             return False
         batch: list[LedgerRow] = []
         try:
             async with asyncio.timeout(ATTEMPT_TIMEOUT_SECONDS):
                 if not self._migrated:
-                    await self._migrate(engine)
+                    await self._migrate(db)
                 if self._queue:
                     batch = list(self._queue)
                     self._queue.clear()
-                    async with engine.begin() as connection:
-                        await connection.execute(insert(llm_calls), [_row_values(row) for row in batch])
+                    timestamp = db.dialect.timestamp
+                    async with db.transaction() as session:
+                        await session.executemany(
+                            db.dialect.insert_call, [_row_values(row, timestamp) for row in batch]
+                        )
         except asyncio.CancelledError:
             self._requeue(batch)
             raise
-        # The writer must outlive any failure: drivers raise their own errors too (OSError on a refused connect,
-        # asyncpg's exceptions during connect), and a dead writer would silently stop the ledger.
+        # The writer must outlive any failure: a dead writer would silently stop the ledger.
         except Exception as exc:
             self._requeue(batch)
             # The database may have been replaced or restored from a backup: check the schema again next time.

@@ -13,16 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from src.core.keys import key_digest
-from src.core.ledger import database_url_for_engine
+from src.core.ledger import parse_database_url
 from src.devtools.servers import ServerProcess, free_port, start_mock_upstream
 from tests.e2e.network import CHAT, RunningService, chat, running_service
 
@@ -51,19 +49,16 @@ def postgres_database() -> Iterator[str]:
     name = f"llm_scale_{secrets.token_hex(4)}"
 
     async def admin(statement: str) -> None:
-        # CREATE/DROP DATABASE cannot run inside a transaction.
-        engine = create_async_engine(
-            database_url_for_engine(url), isolation_level="AUTOCOMMIT", connect_args={"timeout": 5}
-        )
+        # asyncpg runs a statement outside a transaction, as CREATE/DROP DATABASE need.
+        connection = await asyncpg.connect(parse_database_url(url).target, timeout=5)
         try:
-            async with engine.connect() as connection:
-                await connection.execute(text(statement))
+            await connection.execute(statement)
         finally:
-            await engine.dispose()
+            await connection.close()
 
     try:
         asyncio.run(admin(f"CREATE DATABASE {name}"))
-    except (OSError, SQLAlchemyError) as exc:
+    except (OSError, asyncpg.PostgresError) as exc:
         _unavailable("database", url, exc)
     try:
         yield url.rsplit("/", 1)[0] + f"/{name}"

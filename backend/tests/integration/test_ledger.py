@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import secrets
+import sqlite3
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, MutableMapping
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import asyncpg
 import pytest
 import structlog
-from sqlalchemy import inspect, select
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.schema import CreateSchema, DropSchema
 
 from src.core import ledger as ledger_module
 from src.core.ledger import (
@@ -26,9 +27,8 @@ from src.core.ledger import (
     GroupBy,
     Ledger,
     LedgerRow,
-    database_url_for_engine,
-    llm_calls,
-    schema_versions,
+    LedgerUnavailableError,
+    parse_database_url,
 )
 from tests.support.real_servers import LOOPBACK, free_port
 
@@ -45,9 +45,29 @@ NEVER_S = 3600.0
 # A session time zone 14 hours ahead of UTC: a `day` computed in the session's zone instead of UTC shows at once.
 FAR_EAST_TIME_ZONE = "Pacific/Kiritimati"
 PASSWORD = "pw-s3cret-never-logged"
+BACKEND = Path(__file__).resolve().parents[2]
+# Each costs every worker process memory a SQLite deployment has no use for (see core/ledger.py).
+NOT_FOR_SQLITE = ("sqlalchemy", "asyncpg", "aiosqlite")
+
+ROW_FIELDS = tuple(f.name for f in fields(LedgerRow))
+ROW_COLUMNS = ", ".join(f'"{name}"' for name in ROW_FIELDS)
+TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens", "reasoning_tokens", "cached_tokens")
+# How to look inside each database: its columns (name, type) and index names of llm_calls.
+COLUMNS_SQL = {
+    "sqlite": "SELECT name, lower(type) FROM pragma_table_info('llm_calls')",
+    "postgresql": (
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND table_name = 'llm_calls'"
+    ),
+}
+INDEXES_SQL = {
+    "sqlite": "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'llm_calls'",
+    "postgresql": "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'llm_calls'",
+}
 
 # What structlog.testing.capture_logs() collects: one mapping per log call.
 Logs = list[MutableMapping[str, Any]]
+Record = tuple[Any, ...]
 
 
 def make_row(n: int = 0, **changes: Any) -> LedgerRow:
@@ -90,47 +110,60 @@ async def wait_until(condition: Callable[[], bool], *, within: float, what: str)
         await asyncio.sleep(POLL_S)
 
 
-def safe_url(url: str) -> str:
-    return make_url(database_url_for_engine(url)).render_as_string(hide_password=True)
-
-
-def require_postgres(url: str, problem: str) -> None:
+def require_postgres(url: str, problem: str) -> NoReturn:
     """Skip (fail under CI, where nothing may skip) when PostgreSQL cannot be reached."""
     message = (
-        f"PostgreSQL is not reachable at {safe_url(url)} ({problem}): start it (`sudo service postgresql start`, or "
-        "`docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust -e POSTGRES_DB=test postgres:16`) or point "
-        "TEST_DATABASE_URL at one"
+        f"PostgreSQL is not reachable at {parse_database_url(url).display} ({problem}): start it (`sudo service "
+        "postgresql start`, or `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust -e POSTGRES_DB=test "
+        "postgres:16`) or point TEST_DATABASE_URL at one"
     )
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
 
 
+def sqlite_query(path: Path, sql: str, args: Sequence[Any], *, write: bool) -> list[Record]:
+    # Read-only unless asked: a look inside must not create the database the ledger is meant to create.
+    uri = path.as_uri() if write else f"{path.as_uri()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as connection:
+        return [tuple(record) for record in connection.execute(sql, args).fetchall()]
+
+
 @dataclass
 class Database:
-    """A database for one test: how a Ledger reaches it, and a separate engine to look inside it."""
+    """A database for one test: how a Ledger reaches it, and a separate connection to look inside it."""
 
     kind: str
     url: str
-    engine_options: dict[str, Any] = field(default_factory=dict)
+    connect_options: dict[str, Any] = field(default_factory=dict)
     sqlite_path: Path | None = None
     schema: str | None = None
-    admin: AsyncEngine | None = None
-    _reader: AsyncEngine | None = None
+    # PostgreSQL: a connection to the test database outside the test's schema, and one inside it.
+    admin: Any = None
+    reader: Any = None
 
     def ledger(self, **options: Any) -> Ledger:
-        return Ledger(self.url, engine_options=self.engine_options, **options)
+        return Ledger(self.url, connect_options=self.connect_options, **options)
 
-    @property
-    def reader(self) -> AsyncEngine:
-        if self._reader is None:
-            self._reader = create_async_engine(database_url_for_engine(self.url), **self.engine_options)
-        return self._reader
+    async def query(self, sql: str, *args: Any, write: bool = False) -> list[Record]:
+        """What the database holds, seen through its driver, not through the ledger."""
+        if self.sqlite_path is not None:
+            return await asyncio.to_thread(sqlite_query, self.sqlite_path, sql, args, write=write)
+        return [tuple(record) for record in await self.reader.fetch(sql, *args)]
 
     async def rows(self) -> list[LedgerRow]:
-        async with self.reader.connect() as connection:
-            result = await connection.execute(select(llm_calls).order_by(llm_calls.c.id))
-            return [LedgerRow(**{k: v for k, v in row.items() if k != "id"}) for row in result.mappings()]
+        return [self._row(record) for record in await self.query(f"SELECT {ROW_COLUMNS} FROM llm_calls ORDER BY id")]
+
+    def _row(self, record: Record) -> LedgerRow:
+        values = dict(zip(ROW_FIELDS, record, strict=True))
+        if self.kind == "sqlite":
+            # SQLite stores naive UTC text and 0/1 for booleans.
+            values.update(
+                ts=datetime.fromisoformat(values["ts"]).replace(tzinfo=UTC),
+                stream=bool(values["stream"]),
+                cancelled=bool(values["cancelled"]),
+            )
+        return LedgerRow(**values)
 
     async def wait_for_rows(self, count: int, *, within: float = VISIBLE_WITHIN_S) -> list[LedgerRow]:
         """The stored rows once there are `count`; the table may not exist yet while the database is down."""
@@ -139,7 +172,7 @@ class Database:
         while True:
             try:
                 found = await self.rows()
-            except (SQLAlchemyError, OSError) as exc:
+            except (sqlite3.Error, asyncpg.PostgresError, OSError) as exc:
                 found = f"{type(exc).__name__}: {exc}"
             if isinstance(found, list) and len(found) >= count:
                 return found
@@ -149,9 +182,7 @@ class Database:
             await asyncio.sleep(POLL_S)
 
     async def versions(self) -> list[int]:
-        async with self.reader.connect() as connection:
-            result = await connection.execute(select(schema_versions.c.version).order_by(schema_versions.c.version))
-            return list(result.scalars())
+        return [version for (version,) in await self.query("SELECT version FROM llm_schema_version ORDER BY 1")]
 
     async def make_unavailable(self) -> None:
         """Break the database so that the ledger can neither migrate nor write, until `make_available`."""
@@ -160,23 +191,13 @@ class Database:
             self.sqlite_path.mkdir(parents=True)
             return
         # PostgreSQL without the schema the ledger's search_path names: "no schema has been selected to create in".
-        assert self.admin is not None
-        assert self.schema is not None
-        async with self.admin.begin() as connection:
-            await connection.execute(DropSchema(self.schema, cascade=True, if_exists=True))
+        await self.admin.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
 
     async def make_available(self) -> None:
         if self.sqlite_path is not None:
             self.sqlite_path.rmdir()
             return
-        assert self.admin is not None
-        assert self.schema is not None
-        async with self.admin.begin() as connection:
-            await connection.execute(CreateSchema(self.schema))
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            await self._reader.dispose()
+        await self.admin.execute(f'CREATE SCHEMA "{self.schema}"')
 
 
 async def sqlite_database(tmp_path: Path) -> Database:
@@ -187,42 +208,39 @@ async def sqlite_database(tmp_path: Path) -> Database:
 async def postgres_database() -> AsyncIterator[Database]:
     """A fresh schema in the test database, dropped afterwards; the ledger reaches it through its search_path."""
     url = os.environ.get("TEST_DATABASE_URL") or DEFAULT_TEST_DATABASE_URL
-    admin = create_async_engine(
-        database_url_for_engine(url), connect_args={"timeout": POSTGRES_CONNECT_TIMEOUT_S}, pool_pre_ping=True
-    )
+    dsn = parse_database_url(url).target
     schema = f"ledger_test_{secrets.token_hex(6)}"
     try:
-        async with admin.begin() as connection:
-            await connection.execute(CreateSchema(schema))
+        admin = await asyncpg.connect(dsn, timeout=POSTGRES_CONNECT_TIMEOUT_S)
     # Whatever the reason (refused, no such database, authentication), the message says what to start.
     except Exception as exc:
-        await admin.dispose()
         require_postgres(url, f"{type(exc).__name__}: {exc}")
-    server_settings = {"search_path": schema, "TimeZone": FAR_EAST_TIME_ZONE}
-    database = Database(
-        kind="postgresql",
-        url=url,
-        engine_options={"connect_args": {"server_settings": server_settings}},
-        schema=schema,
-        admin=admin,
-    )
     try:
-        yield database
+        await admin.execute(f'CREATE SCHEMA "{schema}"')
+        server_settings = {"search_path": schema, "TimeZone": FAR_EAST_TIME_ZONE}
+        # Named, so that a test can find the ledger's own connections on the server.
+        ledger_settings = {**server_settings, "application_name": f"{schema}-ledger"}
+        reader = await asyncpg.connect(dsn, server_settings=server_settings, timeout=POSTGRES_CONNECT_TIMEOUT_S)
+        try:
+            yield Database(
+                kind="postgresql",
+                url=url,
+                connect_options={"server_settings": ledger_settings},
+                schema=schema,
+                admin=admin,
+                reader=reader,
+            )
+        finally:
+            await reader.close()
     finally:
-        await database.close()
-        async with admin.begin() as connection:
-            await connection.execute(DropSchema(schema, cascade=True, if_exists=True))
-        await admin.dispose()
+        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
     if request.param == "sqlite":
-        sqlite = await sqlite_database(tmp_path)
-        try:
-            yield sqlite
-        finally:
-            await sqlite.close()
+        yield await sqlite_database(tmp_path)
         return
     async for postgres in postgres_database():
         yield postgres
@@ -238,36 +256,71 @@ async def postgres() -> AsyncIterator[Database]:
 
 
 @pytest.mark.parametrize(
-    ("url", "expected"),
+    ("url", "dialect", "target", "display"),
     [
-        ("postgresql://u:p@db:5432/llm", "postgresql+asyncpg://u:p@db:5432/llm"),
-        ("postgres://u@db/llm", "postgresql+asyncpg://u@db/llm"),
-        ("postgresql+asyncpg://u@db/llm", "postgresql+asyncpg://u@db/llm"),
-        ("sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite:///:memory:"),
+        ("postgresql://u:p@db:5432/llm", "postgresql", "postgresql://u:p@db:5432/llm", "postgresql://u:***@db:5432/llm"),
+        ("postgres://u@db/llm", "postgresql", "postgresql://u@db/llm", "postgresql://u@db/llm"),
+        ("postgresql+asyncpg://u@db/llm", "postgresql", "postgresql://u@db/llm", "postgresql://u@db/llm"),
+        (
+            "postgresql://u:p@h1:5432,[::1]:5433/llm?sslmode=require&password=p",
+            "postgresql",
+            "postgresql://u:p@h1:5432,[::1]:5433/llm?sslmode=require&password=p",
+            "postgresql://u:***@h1:5432,[::1]:5433/llm",
+        ),
+        ("sqlite:///data/ledger.db", "sqlite", "data/ledger.db", "sqlite:///data/ledger.db"),
+        ("sqlite:////var/lib/ledger.db", "sqlite", "/var/lib/ledger.db", "sqlite:////var/lib/ledger.db"),
+        ("sqlite+aiosqlite:///:memory:", "sqlite", ":memory:", "sqlite:///:memory:"),
+        ("sqlite://", "sqlite", ":memory:", "sqlite:///:memory:"),
     ],
-    ids=["postgresql", "postgres-alias", "driver-kept", "sqlite-driver-kept"],
-)
-def test_database_url_names_the_async_driver(url: str, expected: str) -> None:
-    assert database_url_for_engine(url) == expected
+    ids=[
+        "postgresql", "postgres-alias", "asyncpg-suffix", "multi-host-query-not-shown", "sqlite-relative",
+        "sqlite-absolute", "aiosqlite-suffix", "sqlite-in-memory",
+    ],
+)  # fmt: skip
+def test_a_database_url_names_the_database_what_to_connect_to_and_how_to_log_it(
+    url: str, dialect: str, target: str, display: str
+) -> None:
+    parsed = parse_database_url(url)
+    assert (parsed.dialect, parsed.target, parsed.display) == (dialect, target, display)
 
 
-def test_a_sqlite_url_runs_on_aiosqlite_and_gets_its_directory(tmp_path: Path) -> None:
+def test_a_parsed_url_does_not_show_its_password() -> None:
+    assert PASSWORD not in repr(parse_database_url(f"postgresql://u:{PASSWORD}@db/llm"))
+
+
+async def test_a_sqlite_ledger_creates_its_directory_and_file_on_start(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "ledger.db"
-    assert database_url_for_engine(f"sqlite:///{path}") == f"sqlite+aiosqlite:///{path}"
-    assert path.parent.is_dir()
-    assert not path.exists()
+    ledger = Ledger(f"sqlite:///{path}")
+    assert not path.parent.exists()
+    await ledger.start()
+    await ledger.aclose()
+    assert path.is_file()
 
 
 @pytest.mark.parametrize(
     "url",
-    ["mysql://root:hunter2@db/llm", "not a url", "://nothing", "postgresql://u:hunter2@db:notaport/llm"],
-    ids=["unsupported-scheme", "no-scheme", "empty-scheme", "malformed"],
-)
+    [
+        "mysql://root:hunter2@db/llm",
+        "not a url",
+        "://nothing",
+        "root:hunter2@db://llm",
+        "postgresql://u:hunter2@db:notaport/llm",
+        "postgresql://u:hunter2@db:99999/llm",
+        "postgresql://u:hunter2@[::1/llm",
+        "sqlite://hunter2@db/ledger.db",
+        "sqlite:///ledger.db?password=hunter2",
+    ],
+    ids=[
+        "unsupported-scheme", "no-scheme", "empty-scheme", "not-a-scheme", "port-not-a-number", "port-too-large",
+        "unbalanced-ipv6", "sqlite-host", "sqlite-query",
+    ],
+)  # fmt: skip
 def test_an_unusable_url_is_a_value_error_that_does_not_repeat_the_password(url: str) -> None:
     with pytest.raises(ValueError, match="database URL") as raised:
-        database_url_for_engine(url)
+        parse_database_url(url)
     assert "hunter2" not in str(raised.value)
     assert raised.value.__cause__ is None
+    assert raised.value.__context__ is None or "hunter2" not in str(raised.value.__context__)
 
 
 @pytest.mark.parametrize(
@@ -322,7 +375,27 @@ async def test_rows_round_trip_with_every_field(database: Database) -> None:
     finally:
         await ledger.aclose()
     assert stored == [replace(full, ts=full.ts.astimezone(UTC)), sparse]
-    assert all(row.ts.tzinfo is UTC for row in stored)
+
+
+async def test_timestamps_are_stored_as_utc(database: Database) -> None:
+    """SQLite keeps naive UTC text in one fixed-width format (the one earlier releases wrote); PostgreSQL keeps the
+    instant. A naive timestamp is taken as UTC."""
+    ledger = database.ledger(**FAST)
+    await ledger.start()
+    try:
+        ledger.record(make_row(1, ts=datetime(2025, 3, 2, 8, 30, 15, 123456, tzinfo=timezone(timedelta(hours=9)))))
+        ledger.record(make_row(2, ts=datetime(2025, 3, 2, 0, 0)))
+        await database.wait_for_rows(2)
+    finally:
+        await ledger.aclose()
+    stored_as = {
+        "sqlite": "SELECT ts FROM llm_calls ORDER BY id",
+        "postgresql": "SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') FROM llm_calls ORDER BY id",
+    }
+    assert await database.query(stored_as[database.kind]) == [
+        ("2025-03-01 23:30:15.123456",),
+        ("2025-03-02 00:00:00.000000",),
+    ]
 
 
 async def test_a_recorded_row_is_in_the_database_within_two_seconds_with_default_settings(database: Database) -> None:
@@ -373,6 +446,22 @@ async def test_a_row_recorded_after_aclose_is_counted_as_dropped(tmp_path: Path)
     assert [line["dropped"] for line in events(logs, "ledger_rows_dropped")] == [1]
 
 
+async def test_an_in_memory_sqlite_ledger_writes_and_answers() -> None:
+    ledger = Ledger("sqlite://", flush_interval_seconds=0.05, retry_seconds=0.05)
+    await ledger.start()
+    try:
+        ledger.record(make_row(1))
+        await wait_until(lambda: ledger.queued == 0, within=VISIBLE_WITHIN_S, what="the row was taken")
+        # Taken from the queue is not yet committed: ask until the usage shows it.
+        deadline = time.monotonic() + VISIBLE_WITHIN_S
+        while not (usage := await ledger.usage(start=USAGE_START, end=USAGE_END, group_by="model")):
+            assert time.monotonic() < deadline, "the row never showed in usage"
+            await asyncio.sleep(POLL_S)
+    finally:
+        await ledger.aclose()
+    assert usage == [{"model": "gpt-5-mini", **totals(1, 0, 0, 10, 5, 15)}]
+
+
 async def test_rows_recorded_before_start_are_written_once_started(database: Database) -> None:
     ledger = database.ledger(**FAST)
     ledger.record(make_row(7))
@@ -386,6 +475,18 @@ async def test_rows_recorded_before_start_are_written_once_started(database: Dat
 
 # --- Schema -------------------------------------------------------------------------------------------------------
 
+# The SQLite schema the SQLAlchemy releases created (version 1), as SQLAlchemy emitted it.
+SQLALCHEMY_RELEASE_SCHEMA = (
+    "CREATE TABLE llm_calls (id INTEGER NOT NULL, ts DATETIME NOT NULL, request_id VARCHAR NOT NULL, "
+    "route VARCHAR NOT NULL, key_name VARCHAR, user VARCHAR, model VARCHAR NOT NULL, upstream_model VARCHAR, "
+    "stream BOOLEAN NOT NULL, status INTEGER NOT NULL, code VARCHAR, prompt_tokens BIGINT, completion_tokens BIGINT, "
+    "total_tokens BIGINT, reasoning_tokens BIGINT, cached_tokens BIGINT, latency_ms DOUBLE NOT NULL, ttft_ms DOUBLE, "
+    "cancelled BOOLEAN NOT NULL, PRIMARY KEY (id))",
+    "CREATE TABLE llm_schema_version (version INTEGER NOT NULL, applied_at DATETIME NOT NULL, PRIMARY KEY (version))",
+    "CREATE INDEX ix_llm_calls_ts ON llm_calls (ts)",
+    "CREATE INDEX ix_llm_calls_key_name_ts ON llm_calls (key_name, ts)",
+)
+
 
 async def test_migrations_are_idempotent_across_restarts(database: Database) -> None:
     for restart in range(2):
@@ -398,17 +499,12 @@ async def test_migrations_are_idempotent_across_restarts(database: Database) -> 
         assert len(events(logs, "ledger_migrated")) == (1 if restart == 0 else 0)
     assert await database.versions() == list(range(1, SCHEMA_VERSION + 1))
     assert request_ids(await database.rows()) == ["req-0", "req-1"]
-
-    def schema(connection: Any) -> tuple[set[str], set[str]]:
-        inspector = inspect(connection)
-        columns = {column["name"] for column in inspector.get_columns("llm_calls")}
-        indexes = {str(index["name"]) for index in inspector.get_indexes("llm_calls")}
-        return columns, indexes
-
-    async with database.reader.connect() as connection:
-        columns, indexes = await connection.run_sync(schema)
-    assert columns == set(llm_calls.c.keys())
+    columns: dict[str, str] = dict(await database.query(COLUMNS_SQL[database.kind]))
+    indexes = {name for (name,) in await database.query(INDEXES_SQL[database.kind])}
+    assert set(columns) == {"id", *ROW_FIELDS}
     assert {"ix_llm_calls_ts", "ix_llm_calls_key_name_ts"} <= indexes
+    # 64-bit: an absurd count from an upstream must not make the database refuse the row.
+    assert {columns[name] for name in TOKEN_COLUMNS} == {"bigint"}
 
 
 async def test_two_instances_starting_at_once_migrate_once(postgres: Database) -> None:
@@ -425,6 +521,34 @@ async def test_two_instances_starting_at_once_migrate_once(postgres: Database) -
     assert len(events(logs, "ledger_migrated")) == 1
     assert await postgres.versions() == list(range(1, SCHEMA_VERSION + 1))
     assert sorted(request_ids(stored)) == ["req-1", "req-2"]
+
+
+async def test_a_sqlite_database_from_the_sqlalchemy_releases_is_used_as_it_is(tmp_path: Path) -> None:
+    database = await sqlite_database(tmp_path)
+    assert database.sqlite_path is not None
+    database.sqlite_path.parent.mkdir()
+    for statement in SQLALCHEMY_RELEASE_SCHEMA:
+        await database.query(statement, write=True)
+    await database.query("INSERT INTO llm_schema_version VALUES (1, '2025-01-01 00:00:00.000000')", write=True)
+    earlier = make_row(1, ts=datetime(2025, 3, 1, 23, 30, tzinfo=UTC))
+    values = [getattr(earlier, name) if name != "ts" else "2025-03-01 23:30:00.000000" for name in ROW_FIELDS]
+    placeholders = ", ".join("?" * len(ROW_FIELDS))
+    await database.query(f"INSERT INTO llm_calls ({ROW_COLUMNS}) VALUES ({placeholders})", *values, write=True)
+    ledger = database.ledger(**FAST)
+    with structlog.testing.capture_logs() as logs:
+        await ledger.start()
+    try:
+        ledger.record(make_row(2, ts=datetime(2025, 3, 2, 12, 0, tzinfo=UTC)))
+        stored = await database.wait_for_rows(2)
+        usage = await ledger.usage(start=USAGE_START, end=USAGE_END, group_by="day")
+    finally:
+        await ledger.aclose()
+    assert events(logs, "ledger_migrated") == []
+    assert stored[0] == earlier
+    assert usage == [
+        {"day": "2025-03-01", **totals(1, 0, 0, 10, 5, 15)},
+        {"day": "2025-03-02", **totals(1, 0, 0, 10, 5, 15)},
+    ]
 
 
 # --- Usage --------------------------------------------------------------------------------------------------------
@@ -530,6 +654,25 @@ async def test_usage_bounds_given_in_another_zone_mean_the_same_instants(filled:
     assert usage == USAGE_EXPECTED["day"]
 
 
+async def test_usage_raises_ledger_unavailable_when_the_database_cannot_answer(database: Database) -> None:
+    await database.make_unavailable()
+    ledger = database.ledger(**FAST)
+    await ledger.start()
+    try:
+        with pytest.raises(LedgerUnavailableError, match="cannot answer"):
+            await ledger.usage(start=USAGE_START, end=USAGE_END, group_by="key")
+    finally:
+        await ledger.aclose()
+
+
+async def test_usage_after_aclose_raises_ledger_unavailable(tmp_path: Path) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    await ledger.start()
+    await ledger.aclose()
+    with pytest.raises(LedgerUnavailableError, match="closed"):
+        await ledger.usage(start=USAGE_START, end=USAGE_END, group_by="key")
+
+
 async def test_usage_refuses_naive_bounds(tmp_path: Path) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     await ledger.start()
@@ -562,7 +705,7 @@ async def test_a_database_down_at_start_queues_rows_and_never_blocks_or_raises()
     unavailable = events(logs, "ledger_unavailable")
     assert len(unavailable) == 1
     assert unavailable[0]["log_level"] == "warning"
-    assert unavailable[0]["database"].startswith("postgresql+asyncpg://ledger:***@")
+    assert unavailable[0]["database"].startswith("postgresql://ledger:***@")
     assert events(logs, "ledger_rows_unwritten")[0]["rows"] == 1000
     # Retried several times, reported by one throttled line per interval (and one at shutdown).
     assert 1 <= len(events(logs, "ledger_write_failed")) <= 2
@@ -587,6 +730,44 @@ async def test_writes_resume_in_order_when_the_database_comes_back(database: Dat
     assert request_ids(stored) == [f"req-{n}" for n in range(5)]
     assert len(events(logs, "ledger_unavailable")) == 1
     assert len(events(logs, "ledger_available")) == 1
+
+
+async def test_a_batch_that_fails_after_the_migration_is_put_back_and_written_in_order(postgres: Database) -> None:
+    """The database is lost under a running ledger (restored from an empty backup): the schema is made again."""
+    write_errors: list[None] = []
+    ledger = postgres.ledger(**FAST, on_write_error=lambda: write_errors.append(None))
+    await ledger.start()
+    try:
+        await postgres.make_unavailable()
+        for n in range(3):
+            ledger.record(make_row(n))
+        await wait_until(lambda: len(write_errors) >= 2, within=RECOVERY_WITHIN_S, what="the writer retried")
+        assert ledger.queued == 3
+        await postgres.make_available()
+        stored = await postgres.wait_for_rows(3, within=RECOVERY_WITHIN_S)
+    finally:
+        await ledger.aclose()
+    assert request_ids(stored) == ["req-0", "req-1", "req-2"]
+    assert await postgres.versions() == list(range(1, SCHEMA_VERSION + 1))
+
+
+async def test_writes_resume_after_the_server_drops_the_ledgers_connection(postgres: Database) -> None:
+    """A server restart or an idle timeout closes the ledger's connection: the next write opens another."""
+    ledger = postgres.ledger(**FAST)
+    await ledger.start()
+    try:
+        ledger.record(make_row(1))
+        await postgres.wait_for_rows(1)
+        terminated = await postgres.admin.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            postgres.connect_options["server_settings"]["application_name"],
+        )
+        assert [tuple(record) for record in terminated] == [(True,)]
+        ledger.record(make_row(2))
+        stored = await postgres.wait_for_rows(2, within=RECOVERY_WITHIN_S)
+    finally:
+        await ledger.aclose()
+    assert request_ids(stored) == ["req-1", "req-2"]
 
 
 async def test_rows_waiting_through_an_outage_stay_bounded_and_the_newest_are_kept(database: Database) -> None:
@@ -666,3 +847,40 @@ async def test_a_database_that_hangs_holds_neither_start_nor_shutdown(monkeypatc
     assert closed_s < 2.0
     assert events(logs, "ledger_unavailable")[0]["error_type"] == "TimeoutError"
     assert events(logs, "ledger_rows_unwritten")[0]["rows"] == 1
+
+
+# --- Footprint ----------------------------------------------------------------------------------------------------
+
+FOOTPRINT_SCRIPT = """
+import asyncio, json, sys
+from datetime import UTC, datetime
+
+import src.core.ledger as ledger_module
+
+def loaded():
+    return sorted(name for name in sys.modules if name.partition(".")[0] in sys.argv[2].split(","))
+
+async def use_sqlite():
+    ledger = ledger_module.Ledger(f"sqlite:///{sys.argv[1]}", flush_interval_seconds=0.05)
+    await ledger.start()
+    await ledger.usage(start=datetime(2025, 1, 1, tzinfo=UTC), end=datetime(2026, 1, 1, tzinfo=UTC), group_by="day")
+    await ledger.aclose()
+
+at_import = loaded()
+asyncio.run(use_sqlite())
+print(json.dumps({"at_import": at_import, "after_sqlite": loaded()}))
+"""
+
+
+def test_a_sqlite_ledger_loads_neither_sqlalchemy_nor_asyncpg(tmp_path: Path) -> None:
+    """In a fresh interpreter: the test process has them all loaded already."""
+    finished = subprocess.run(
+        [sys.executable, "-c", FOOTPRINT_SCRIPT, str(tmp_path / "ledger.db"), ",".join(NOT_FOR_SQLITE)],
+        cwd=BACKEND,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads(finished.stdout.splitlines()[-1]) == {"at_import": [], "after_sqlite": []}
