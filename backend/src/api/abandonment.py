@@ -15,6 +15,8 @@ from src.core.shutdown import Drain
 
 T = TypeVar("T")
 CLIENT_CLOSED_STATUS = 499
+# Most calls that end quickly never need a watcher task: it starts only if the call is still running by then.
+WATCH_AFTER_SECONDS = 0.05
 
 
 class _Abandoned(Enum):
@@ -25,7 +27,8 @@ class _Abandoned(Enum):
 async def unless_abandoned(call: Awaitable[T], *, receive: Receive, drain: Drain) -> T:
     """Await `call`, cancelling it when the client disconnects or the shutdown grace ends.
 
-    The call runs in this task (no task per request on the hot path); one watcher task waits for the disconnect.
+    The call runs in this task; a watcher task waits for the disconnect, started only once the call has run for
+    WATCH_AFTER_SECONDS (a disconnect before that is still seen: the message waits in `receive`).
     A shutdown becomes 503 `server_shutting_down`; a client that left gets 499 `client_closed_request`, which
     nobody reads but the request log line shows.
     """
@@ -44,7 +47,13 @@ async def unless_abandoned(call: Awaitable[T], *, receive: Receive, drain: Drain
             continue
         abandon(_Abandoned.CLIENT_GONE)
 
-    watcher = asyncio.create_task(watch_for_disconnect())
+    watcher: asyncio.Task[None] | None = None
+
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = asyncio.create_task(watch_for_disconnect())
+
+    later = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, start_watching)
     unsubscribe = drain.subscribe(lambda: abandon(_Abandoned.SHUTDOWN))
     try:
         return await call
@@ -58,5 +67,7 @@ async def unless_abandoned(call: Awaitable[T], *, receive: Receive, drain: Drain
             ErrorCode.CLIENT_CLOSED_REQUEST, "The client closed the request.", status_code=CLIENT_CLOSED_STATUS
         ) from None
     finally:
-        watcher.cancel()
+        later.cancel()
+        if watcher is not None:
+            watcher.cancel()
         unsubscribe()

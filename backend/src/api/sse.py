@@ -33,6 +33,9 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+# The watcher and ticker tasks start only once a stream has run this long: most short streams never need them
+# (a disconnect before that still waits in `receive`; keep-alives and stalls are seconds apart).
+WATCH_AFTER_SECONDS = 0.05
 _EVENT_NAMES: dict[type[StreamEvent], bytes] = {StreamDelta: b"delta", StreamDone: b"done", StreamError: b"error"}
 _END_OF_BODY: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
@@ -145,8 +148,13 @@ class EventStreamResponse(Response):
                 idle_wait = keepalive - silent_for if writer.writing_since is None else stall_check
                 await asyncio.sleep(min(idle_wait, stall_check))
 
-        watcher = asyncio.create_task(watch_for_disconnect())
-        ticker = asyncio.create_task(tick())
+        watchers: list[asyncio.Task[None]] = []
+
+        def start_watching() -> None:
+            watchers.append(asyncio.create_task(watch_for_disconnect()))
+            watchers.append(asyncio.create_task(tick()))
+
+        later = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, start_watching)
         unsubscribe = self._drain.subscribe(lambda: interrupt(StreamEnd.SHUTDOWN))
         end = StreamEnd.DELIVERED
         try:
@@ -165,8 +173,9 @@ class EventStreamResponse(Response):
             # ASGI spec 2.4 servers raise on a write to a closed connection instead of reporting a disconnect.
             end = StreamEnd.CLIENT_GONE
         finally:
-            watcher.cancel()
-            ticker.cancel()
+            later.cancel()
+            for task in watchers:
+                task.cancel()
             unsubscribe()
             if stalled:
                 log.warning(

@@ -10,6 +10,7 @@ after the request was sent (the upstream may have run it: it stays charged).
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -103,8 +104,9 @@ class CallAccounting:
         if self._metrics is not None:
             self._metrics.stream_ended()
 
-    async def finish(self, record: CallRecord) -> None:
-        """The call ended, whatever way: its line, its row, its metrics, its key's limits settled."""
+    def finish(self, record: CallRecord) -> Coroutine[Any, Any, None] | None:
+        """The call ended, whatever way: its line, its row, its metrics now; the settlement of its key's limits is
+        returned to await (None for an unlimited key), so most calls need no await, and no task, here."""
         self._call_log.emit(record)
         if self._ledger is not None:
             self._ledger.record(ledger_row(record))
@@ -119,8 +121,9 @@ class CallAccounting:
                 upstream_seconds=elapsed_ms(record.started) / 1000,
                 ttft_seconds=record.ttft_ms / 1000 if record.ttft_ms is not None else None,
             )
-        if record.admission is not None:
-            await self._limiter.settle(record.admission, tokens_spent(record))
+        if record.admission is None:
+            return None
+        return self._limiter.settle(record.admission, tokens_spent(record))
 
 
 def tokens_spent(record: CallRecord) -> int:

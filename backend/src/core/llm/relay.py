@@ -168,7 +168,9 @@ class ChatStream:
         finally:
             self._release_slot()
             self._accounting.stream_ended()
-            await self._accounting.finish(self._record)
+            settle = self._accounting.finish(self._record)
+            if settle is not None:
+                await settle
 
 
 def _chunk(data: str) -> dict[str, Any]:

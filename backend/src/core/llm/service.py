@@ -105,7 +105,7 @@ class LLMService:
             record.cancelled = True
             raise
         finally:
-            await asyncio.shield(self._accounting.finish(record))
+            await self._finish(record)
 
     async def stream_chat_completion(self, request: LLMRequest, *, context: CallContext) -> ChatStream:
         """Open the upstream stream now, so that failures before the first byte are plain HTTP errors."""
@@ -118,11 +118,11 @@ class LLMService:
         except ServiceError as exc:
             record.code, record.status = exc.code, exc.status_code
             _carry_limit_headers(exc, context)
-            await asyncio.shield(self._accounting.finish(record))
+            await self._finish(record)
             raise
         except asyncio.CancelledError:
             record.cancelled = True
-            await asyncio.shield(self._accounting.finish(record))
+            await self._finish(record)
             raise
         return ChatStream(
             response=response,
@@ -132,6 +132,12 @@ class LLMService:
             release_slot=self._slots.release,
             keep_answer=self._log_prompts,
         )
+
+    async def _finish(self, record: CallRecord) -> None:
+        settle = self._accounting.finish(record)
+        if settle is not None:
+            # Not shielded (a task per call): a second cancellation in here can only leave the reservation charged.
+            await settle
 
     async def _send(
         self, client: OpenAIClient, body: dict[str, Any], *, record: CallRecord, stream: bool
