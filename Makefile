@@ -10,6 +10,8 @@ DEV_LOCK := requirements-dev.lock
 PROD_VENV ?= .venv-prod
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Where `make demo` keeps its usage ledger (SQLite).
+DEMO_LEDGER ?= $(CURDIR)/data/llm-service.db
 BENCH_ARGS ?=
 # Extra arguments for pytest (`make test PYTEST_ARGS='-k stream'`) and for both uv runs (`make lock LOCK_ARGS=--upgrade`).
 PYTEST_ARGS ?=
@@ -47,7 +49,7 @@ system-deps: ## Install the Debian packages the tests and bench use (nginx, tiny
 	@$(PYTHON) scripts/system_deps.py
 
 demo: install ## Run the service on the bundled OFFLINE demo upstream (no OpenAI key needed); HOST/PORT honoured
-	@cd backend && ../$(BIN)/python -m src.devtools.demo --host $(HOST) --port $(PORT)
+	@cd backend && ../$(BIN)/python -m src.devtools.demo --host $(HOST) --port $(PORT) --ledger $(DEMO_LEDGER)
 
 run: install ## Run the service against the real upstream configured in .env (OPENAI_API_KEY, ...)
 	@$(BIN)/python -m uvicorn src.main:app --app-dir backend --host $(HOST) --port $(PORT) --no-access-log --ws none

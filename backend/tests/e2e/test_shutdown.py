@@ -68,8 +68,9 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess
         log.close()
 
 
-def _service_env(upstream: ServerProcess, port: int) -> dict[str, str]:
+def _service_env(upstream: ServerProcess, port: int, directory: Path) -> dict[str, str]:
     return {
+        "DATABASE_URL": f"sqlite:///{directory / 'ledger.db'}",
         **clean_environment(),
         ENV_FILE_VARIABLE: "",
         "OPENAI_BASE_URL": f"{upstream.url}/v1",
@@ -82,7 +83,7 @@ def _service_env(upstream: ServerProcess, port: int) -> dict[str, str]:
 
 def _launch(launcher: str, upstream: ServerProcess, log_path: Path) -> Launched:
     port = free_port()
-    env = _service_env(upstream, port)
+    env = _service_env(upstream, port, log_path.parent)
     if launcher == "uvicorn":
         command, cwd, grace, stop = (
             [sys.executable, "-m", "uvicorn", "src.main:app"],
@@ -93,7 +94,8 @@ def _launch(launcher: str, upstream: ServerProcess, log_path: Path) -> Launched:
     elif launcher == "make run":
         command, cwd, grace, stop = ["make", "-s", "run", f"PORT={port}"], REPO_ROOT, GRACE_SECONDS, signal.SIGTERM
     else:
-        command, cwd, grace, stop = ["make", "-s", "demo", f"PORT={port}"], REPO_ROOT, DEMO_GRACE_SECONDS, signal.SIGINT
+        demo = ["make", "-s", "demo", f"PORT={port}", f"DEMO_LEDGER={log_path.parent / 'demo-ledger.db'}"]
+        command, cwd, grace, stop = demo, REPO_ROOT, DEMO_GRACE_SECONDS, signal.SIGINT
     # Python's own path first, so that `make` finds the same interpreter's virtualenv tools it would in the repo.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     with log_path.open("wb") as log:
