@@ -23,6 +23,18 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The bundled upstream without pauses between words, shared by a module's tests (its log kept for failures)."""
+    log = (tmp_path_factory.mktemp("upstream") / "upstream.log").open("wb")
+    server = start_mock_upstream(delay_ms=0, output=log)
+    try:
+        yield server
+    finally:
+        server.stop()
+        log.close()
+
+
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     logs = tmp_path_factory.mktemp("e2e")
     upstream_log = (logs / "upstream.log").open("wb")

@@ -33,17 +33,6 @@ SILENT_UPSTREAM_SECONDS = 6
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = (tmp_path_factory.mktemp("network") / "upstream.log").open("wb")
-    server = start_mock_upstream(delay_ms=0, output=log)
-    try:
-        yield server
-    finally:
-        server.stop()
-        log.close()
-
-
-@pytest.fixture(scope="module")
 def retrying(upstream: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     """A service with short timeouts and the default retries (2), for counting upstream requests."""
     with running_service(

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from src.devtools.servers import ServerProcess, start_mock_upstream, start_service
+from src.devtools.servers import ServerProcess, start_service
 
 pytestmark = pytest.mark.e2e
 
@@ -39,17 +38,6 @@ BASE_ENV = {
     "LLM_MAX_RETRIES": "0",
     "LLM_TIMEOUT_SECONDS": "5",
 }
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = (tmp_path_factory.mktemp("schemathesis") / "upstream.log").open("wb")
-    server = start_mock_upstream(delay_ms=0, output=log)
-    try:
-        yield server
-    finally:
-        server.stop()
-        log.close()
 
 
 @pytest.mark.parametrize(("settings", "arguments"), CASES.values(), ids=CASES.keys())

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from src.core.keys import key_digest
 from src.core.ledger import parse_database_url
-from src.devtools.servers import ServerProcess, free_port, start_mock_upstream
+from src.devtools.servers import ServerProcess, free_port
 from tests.e2e.network import CHAT, RunningService, chat, running_service
 
 pytestmark = pytest.mark.e2e
@@ -76,17 +76,6 @@ def redis_url() -> Iterator[str]:
         _unavailable("redis", url, exc)
     yield url
     client.close()
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = (tmp_path_factory.mktemp("scale") / "upstream.log").open("wb")
-    server = start_mock_upstream(delay_ms=0, output=log)
-    try:
-        yield server
-    finally:
-        server.stop()
-        log.close()
 
 
 def _keys_file(directory: Path, name: str, key: str) -> Path:

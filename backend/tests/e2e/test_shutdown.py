@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from src.devtools.servers import (
     ServerProcess,
     clean_environment,
     free_port,
-    start_mock_upstream,
 )
 from tests.e2e.network import CHAT, chat
 
@@ -55,17 +53,6 @@ class Launched:
 
     def log_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = (tmp_path_factory.mktemp("shutdown") / "upstream.log").open("wb")
-    server = start_mock_upstream(delay_ms=0, output=log)
-    try:
-        yield server
-    finally:
-        server.stop()
-        log.close()
 
 
 def _service_env(upstream: ServerProcess, port: int, directory: Path) -> dict[str, str]:
