@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -61,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{shown_host}:{args.port}"
     print(BANNER.format(upstream=upstream.url, url=url, ledger=args.ledger), flush=True)
     try:
-        while service.process.poll() is None and upstream.process.poll() is None:
-            time.sleep(0.5)
-        print("demo: a server exited on its own; stopping", file=sys.stderr)
-    except KeyboardInterrupt:
-        pass
+        # Ctrl-C (or SIGTERM, see below) is how the demo is meant to end: the finally stops both servers.
+        with contextlib.suppress(KeyboardInterrupt):
+            while service.process.poll() is None and upstream.process.poll() is None:
+                time.sleep(0.5)
+            print("demo: a server exited on its own; stopping", file=sys.stderr)
     finally:
         print("\ndemo: stopping the service and the bundled upstream", flush=True)
         service.stop()
