@@ -45,7 +45,7 @@ install-prod: ## Production: runtime dependencies only, hash-checked from requir
 	$(PYTHON) -m venv $(PROD_VENV)
 	$(PROD_VENV)/bin/python -m pip install $(PIP_LOCKED) $(LOCK)
 
-system-deps: ## Install the Debian packages the tests and bench use (nginx, tinyproxy, wrk) when missing (root only)
+system-deps: ## Install the Debian packages the tests and bench use (nginx, tinyproxy, wrk, chromium) when missing (root only)
 	@$(PYTHON) scripts/system_deps.py
 
 demo: install ## Run the service on the bundled OFFLINE demo upstream (no OpenAI key needed); HOST/PORT honoured
