@@ -1,4 +1,4 @@
-"""Install the Debian packages the tests and bench run (nginx, tinyproxy, wrk, chromium) if missing: `make system-deps`.
+"""Install the Debian packages tests and bench need (nginx, tinyproxy, wrk, chromium) if missing: `make system-deps`.
 
 As root, with apt-get, and without leaving the packages' daemons running or enabled: the test fixtures start nginx
 and tinyproxy themselves on free ports, so a system nginx on :80 or tinyproxy on :8888 would only get in the way.
