@@ -18,7 +18,7 @@ import structlog
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from src.api import health, metrics
+from src.api import health, metrics, playground
 from src.api.deps import require_admin_key, require_chat_key
 from src.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
 from src.api.openapi import install_openapi
@@ -117,6 +117,9 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
     operator_auth = None if access.open else [Depends(require_admin_key)]
     app.include_router(operator_router, dependencies=operator_auth)
     app.include_router(metrics.router, dependencies=operator_auth)
+    if settings.playground_enabled:
+        # A static page without secrets: open like /health; the calls it makes carry the key typed into it.
+        app.include_router(playground.router)
     # add_middleware wraps what is there: the last added is the outermost (see api/middleware.py for the order).
     app.add_middleware(BodyLimitMiddleware, max_request_bytes=settings.max_request_bytes)
     if settings.cors_allow_origins:

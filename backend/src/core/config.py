@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     log_prompts: bool = False
     max_request_bytes: int = Field(default=1_048_576, ge=1)
     llm_demo_upstream: bool = False
+    # GET /playground, the browser test page (api/playground.py); `make demo` turns it on.
+    playground_enabled: bool = False
 
     @field_validator("llm_allowed_models", "service_api_keys", "admin_api_keys", "cors_allow_origins", mode="before")
     @classmethod
