@@ -18,6 +18,7 @@ BANNER = """
 ================================================================================
  LLM chat service: OFFLINE DEMO (bundled upstream at {upstream}, not OpenAI)
  Service: {url}    API docs: {url}/docs
+ Playground (chat in your browser): {url}/playground
 --------------------------------------------------------------------------------
  Batch:
    curl -s {url}/api/v1/llm/chat -H 'Content-Type: application/json' \\
@@ -52,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             upstream_url=upstream.url,
             host=args.host,
             port=args.port,
-            env={"LLM_DEMO_UPSTREAM": "true", "DATABASE_URL": f"sqlite:///{args.ledger.resolve()}"},
+            env={
+                "LLM_DEMO_UPSTREAM": "true",
+                "DATABASE_URL": f"sqlite:///{args.ledger.resolve()}",
+                "PLAYGROUND_ENABLED": "true",
+            },
         )
     except RuntimeError as error:
         upstream.stop()

@@ -36,6 +36,11 @@ def test_demo_serves_batch_and_stream_then_stops_on_ctrl_c(tmp_path: Path) -> No
         assert "OFFLINE DEMO" in output
         url = f"http://127.0.0.1:{port}"
         assert f"curl -N {url}/api/v1/llm/chat" in output
+        # The demo turns the playground on, and its banner says where it is.
+        assert f"Playground (chat in your browser): {url}/playground" in output
+        playground = httpx.get(f"{url}/playground", timeout=10)
+        assert playground.status_code == 200
+        assert "<title>LLM chat service: playground</title>" in playground.text
 
         curl_body = {"messages": [{"role": "user", "content": "Hello there"}]}
         batch = httpx.post(f"{url}/api/v1/llm/chat", json=curl_body, timeout=10)
