@@ -401,3 +401,48 @@ def test_image_and_json_schema_output_loading_nothing_from_elsewhere(tab: Browse
     origins = {f"{urlsplit(r.url).scheme}://{urlsplit(r.url).netloc}" for r in tab.requests}
     assert origins <= {service.url, "data:"}, origins
     assert not [line.text for line in tab.console if line.type in {"error", "warning"}]
+
+
+# The bytes of a first connection, split at awkward places: inside "\r\n", inside a field name, inside the UTF-8 of
+# "ö"; a keep-alive comment; a two-line data field; and a last event cut off before its blank line. Then a resume
+# that replays events 2 and 3 before going on.
+SSE_FIRST = [
+    ': keep-alive\r\n\r\nid: 1\r\nevent: delta\r\ndata: {"content": "Hel"}\r',
+    "\n\r\nid: 2\nevent: del",
+    'ta\ndata: {"content":\ndata: "lo, w\xc3',
+    '\xb6"}\n\nid: 3\nevent: delta\ndata: {"content": "rl',
+]
+SSE_RESUMED = [
+    'id: 2\nevent: delta\ndata: {"content": "lo, w\xc3\xb6"}\n\nid: 3\nevent: delta\ndata: {"content": "rld"}\n\n',
+    'id: 4\nevent: done\ndata: {"finish_reason": "stop"}\n\n',
+]
+READ_CRAFTED_STREAMS = """async ([first, resumed]) => {
+  const bytes = (chunk) => Uint8Array.from(chunk, (c) => c.charCodeAt(0));
+  const stream = (chunks) => new ReadableStream({
+    start(controller) { for (const chunk of chunks) controller.enqueue(bytes(chunk)); controller.close(); },
+  });
+  const events = [];
+  for await (const event of readServerSentEvents(stream(first))) events.push(event);
+  const answer = { text: "", refusal: "", lastEventId: 0, firstTokenAt: null, done: null };
+  const view = { render() {} };
+  const endedFirst = await readAnswer(stream(first), answer, view);
+  const endedResumed = await readAnswer(stream(resumed), answer, view);
+  return { events, endedFirst, endedResumed, text: answer.text, lastEventId: answer.lastEventId, done: answer.done };
+}"""
+
+
+def test_page_sse_parser_handles_split_lines_comments_and_replays(tab: BrowserTab, service: RunningService) -> None:
+    """The page's own parser (the README's reference) on crafted bytes, in the browser that runs it."""
+    tab.open(service.url)
+    result = tab.page.evaluate(READ_CRAFTED_STREAMS, [SSE_FIRST, SSE_RESUMED])
+    assert result["events"] == [
+        {"id": "1", "event": "delta", "data": '{"content": "Hel"}'},
+        {"id": "2", "event": "delta", "data": '{"content":\n"lo, w\u00f6"}'},
+    ]
+    # The first connection ended without an end event (so the page would resume it) ...
+    assert result["endedFirst"] is False
+    assert result["endedResumed"] is True
+    # ... and the resume's replay of event 2 was skipped: every piece once, in order.
+    assert result["text"] == "Hello, w\u00f6rld"
+    assert result["lastEventId"] == 4
+    assert result["done"] == {"finish_reason": "stop"}
