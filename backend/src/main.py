@@ -32,6 +32,7 @@ from src.core.limits import build_limiter
 from src.core.llm.accounting import CallAccounting
 from src.core.llm.call_record import CallLog
 from src.core.llm.client import OpenAIClient, environment_proxies
+from src.core.llm.resumable import build_resumable_streams
 from src.core.llm.service import LLMService
 from src.core.metrics import Metrics
 from src.core.shutdown import Drain
@@ -87,7 +88,15 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
                 metrics=metrics_recorder,
                 default_token_reserve=settings.llm_default_token_reserve,
             )
-            service = LLMService(client=client, settings=settings, drain=drain, accounting=accounting)
+            resumable = build_resumable_streams(
+                settings, redis_url=settings.redis_url, drain=drain, on_redis_error=metrics_recorder.redis_error
+            )
+            # Closed before the ledger and the limits: the streams' producers still log, write rows and settle.
+            started.push_async_callback(resumable.aclose)
+            resumable.start_listening()
+            service = LLMService(
+                client=client, settings=settings, drain=drain, accounting=accounting, resumable=resumable
+            )
             if settings.llm_startup_check:
                 # In the background: startup never waits for (or fails on) the upstream.
                 started.callback(asyncio.create_task(service.check_upstream()).cancel)

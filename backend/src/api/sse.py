@@ -16,16 +16,18 @@ sse-starlette, because a chat stream needs all of this and none of them does all
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from src.core.llm.relay import ChatStream, StreamEnd
+from src.core.llm.relay import StreamEnd
 from src.core.shutdown import Drain
-from src.models.llm import StreamDelta, StreamDone, StreamError, StreamEvent
+from src.core.stream_buffers import BufferedEvent
+from src.models.llm import EVENT_NAMES, StreamError, StreamEvent
 
 SSE_HEADERS = {
     # Without these, proxies (nginx) and some clients buffer the stream and `curl -N` shows nothing until the end.
@@ -36,15 +38,44 @@ KEEPALIVE_COMMENT = b": keep-alive\n\n"
 # The watcher and ticker tasks start only once a stream has run this long: most short streams never need them
 # (a disconnect before that still waits in `receive`; keep-alives and stalls are seconds apart).
 WATCH_AFTER_SECONDS = 0.05
-_EVENT_NAMES: dict[type[StreamEvent], bytes] = {StreamDelta: b"delta", StreamDone: b"done", StreamError: b"error"}
+_EVENT_NAMES = {kind: name.encode() for kind, name in EVENT_NAMES.items()}
 _END_OF_BODY: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
 log = structlog.get_logger("sse")
 
+# What a stream's source yields: typed events, or events replayed from a resumable stream's buffer.
+SourceEvent = StreamEvent | BufferedEvent
 
-def encode_event(event: StreamEvent) -> bytes:
-    """The one encoder of our stream: a named event whose single `data:` line is one JSON object."""
-    return b"event: " + _EVENT_NAMES[type(event)] + b"\ndata: " + event.model_dump_json().encode() + b"\n\n"
+
+def encode_event(event: SourceEvent, event_id: int | None) -> bytes:
+    """The one encoder of our stream: an event with its id (when it is one of the stream's), its name, and a single
+    `data:` line holding one JSON object."""
+    if isinstance(event, BufferedEvent):
+        name, data = event.name.encode(), event.data.encode()
+    else:
+        name, data = _EVENT_NAMES[type(event)], event.model_dump_json().encode()
+    head = b"" if event_id is None else b"id: " + str(event_id).encode() + b"\n"
+    return head + b"event: " + name + b"\ndata: " + data + b"\n\n"
+
+
+class EventSource(Protocol):
+    """What the response streams: a `ChatStream` (numbered from 1), or a follower of a resumable stream (numbered
+    from the event after the one it resumes from)."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def resumable(self) -> bool: ...
+
+    @property
+    def first_event_id(self) -> int: ...
+
+    def __aiter__(self) -> AsyncIterator[SourceEvent]: ...
+
+    def shutdown_event(self) -> StreamError: ...
+
+    async def aclose(self, *, end: StreamEnd = ...) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,17 +110,17 @@ class _Writer:
 
 
 class EventStreamResponse(Response):
-    """`text/event-stream` over an already opened `ChatStream` (see the module docstring for what it guarantees)."""
+    """`text/event-stream` over an already opened stream (see the module docstring for what it guarantees)."""
 
     media_type = "text/event-stream"
 
     def __init__(
         self,
-        stream: ChatStream,
+        stream: EventSource,
         *,
         timings: StreamTimings,
         drain: Drain,
-        encode: Callable[[StreamEvent], bytes] = encode_event,
+        encode: Callable[[SourceEvent, int | None], bytes] = encode_event,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(content=None, headers={**SSE_HEADERS, **(headers or {})}, media_type=self.media_type)
@@ -157,10 +188,12 @@ class EventStreamResponse(Response):
         later = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, start_watching)
         unsubscribe = self._drain.subscribe(lambda: interrupt(StreamEnd.SHUTDOWN))
         end = StreamEnd.DELIVERED
+        event_id = self._stream.first_event_id
         try:
             await writer.write({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for event in self._stream:
-                await writer.body(self._encode(event))
+                await writer.body(self._encode(event, event_id))
+                event_id += 1
             finished = True
             await writer.write(_END_OF_BODY)
         except asyncio.CancelledError:
@@ -182,13 +215,14 @@ class EventStreamResponse(Response):
                     "stream_client_stalled", request_id=self._stream.request_id, send_timeout_seconds=send_timeout
                 )
             if end is StreamEnd.SHUTDOWN:
-                await self._say_shutting_down(writer)
+                # A resumable stream may go on elsewhere: its reader's last event here is not one of its events.
+                await self._say_shutting_down(writer, None if self._stream.resumable else event_id)
             await self._stream.aclose(end=end)
 
-    async def _say_shutting_down(self, writer: _Writer) -> None:
+    async def _say_shutting_down(self, writer: _Writer, event_id: int | None) -> None:
         try:
             async with asyncio.timeout(self._timings.send_timeout_seconds):
-                await writer.body(self._encode(self._stream.shutdown_event()))
+                await writer.body(self._encode(self._stream.shutdown_event(), event_id))
                 await writer.write(_END_OF_BODY)
         except (TimeoutError, OSError):
             log.warning("stream_shutdown_event_not_delivered", request_id=self._stream.request_id)

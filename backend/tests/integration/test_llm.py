@@ -50,9 +50,16 @@ async def test_batch_answer_has_contract_shape(client: httpx.AsyncClient, upstre
         "id": "chatcmpl-123",
         "model": "gpt-5-mini-2025",
         "request_id": response.headers["x-request-id"],
-        "message": {"role": "assistant", "content": "Hi! How can I help?"},
+        "message": {"role": "assistant", "content": "Hi! How can I help?", "refusal": None},
         "finish_reason": "stop",
-        "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15},
+        # The upstream gave no details: null, not 0.
+        "usage": {
+            "prompt_tokens": 9,
+            "completion_tokens": 6,
+            "total_tokens": 15,
+            "reasoning_tokens": None,
+            "cached_tokens": None,
+        },
     }
 
 
@@ -556,7 +563,13 @@ async def test_stream_sends_delta_events_then_done(client: httpx.AsyncClient, up
                 "model": "gpt-5-mini-2025",
                 "request_id": response.headers["x-request-id"],
                 "finish_reason": "stop",
-                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+                "usage": {
+                    "prompt_tokens": 5,
+                    "completion_tokens": 3,
+                    "total_tokens": 8,
+                    "reasoning_tokens": None,
+                    "cached_tokens": None,
+                },
             },
         ),
     ]
