@@ -6,7 +6,8 @@ import base64
 import hashlib
 from html.parser import HTMLParser
 
-from src.api.playground import PAGE_PATH
+from src.api.playground import PAGE_PATH, load_page
+from src.core.config import REPO_ROOT
 from tests.conftest import SERVICE_KEY, OpenClient, make_settings
 
 
@@ -86,3 +87,13 @@ async def test_playground_is_not_in_the_openapi_document(app_client: OpenClient)
     async with app_client(make_settings(playground_enabled=True)) as (client, _, _):
         document = (await client.get("/openapi.json")).json()
     assert PAGE_PATH not in document["paths"]
+
+
+def test_readme_stream_parser_is_the_pages_own() -> None:
+    """The README's JavaScript reference for frontend developers is the code the page runs, not a second copy."""
+
+    def parser(text: str) -> str:
+        start = text.index("async function* readServerSentEvents(body) {")
+        return text[start : text.index("\n}\n", start)]
+
+    assert parser((REPO_ROOT / "README.md").read_text()) == parser(load_page().html)
