@@ -325,6 +325,17 @@ def test_connection_cut_mid_answer_resumes_with_the_text_intact(
         assert relay.accepted >= 2
 
 
+def test_refusal_is_shown_apart_from_the_answer(tab: BrowserTab, service: RunningService) -> None:
+    tab.open(service.url)
+    answer = tab.ask("Help me with something", model="mock-refusal")
+    expect(answer).to_have_attribute("data-state", "done", timeout=ANSWER_TIMEOUT_MS)
+    [post] = tab.chat_posts()
+    expected = batch_answer(service, body_of(post))
+    assert expected["message"]["refusal"]
+    expect(answer.locator(".refusal")).to_have_text(f"refusal: {expected['message']['refusal']}")
+    expect(answer.locator(".text")).to_have_text(expected["message"]["content"] or "")
+
+
 @pytest.mark.parametrize(
     ("model", "code"),
     [

@@ -40,27 +40,31 @@ class _Connection:
 
 @dataclass
 class TcpRelay:
-    """Point clients at `url`; `sever()` cuts every open connection; `accepted` counts connections so far."""
+    """Point clients at `url`; `sever()` cuts every open connection; `accepted` counts connections so far.
+
+    `handle` and `reset_all` run on `loop`, the relay's own event loop thread.
+    """
 
     target_host: str
     target_port: int
     url: str = ""
     accepted: int = 0
-    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _open: set[_Connection] = field(default_factory=set)
 
     def sever(self) -> int:
         """Reset every open connection, both ways; returns how many there were."""
-        return asyncio.run_coroutine_threadsafe(self._sever(), self._loop).result(CALL_TIMEOUT_S)
+        return asyncio.run_coroutine_threadsafe(self.reset_all(), self.loop).result(CALL_TIMEOUT_S)
 
-    async def _sever(self) -> int:
+    async def reset_all(self) -> int:
+        """`sever()` on the relay's own loop."""
         connections = list(self._open)
         for connection in connections:
             connection.reset()
         self._open.clear()
         return len(connections)
 
-    async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+    async def handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         try:
             target_reader, target_writer = await asyncio.open_connection(self.target_host, self.target_port)
@@ -99,15 +103,15 @@ def run_tcp_relay(target_url: str) -> Iterator[TcpRelay]:
 
     async def serve() -> None:
         nonlocal server
-        server = await asyncio.start_server(relay._handle, LOOPBACK, 0)
+        server = await asyncio.start_server(relay.handle, LOOPBACK, 0)
         port = server.sockets[0].getsockname()[1]
         relay.url = f"{parts.scheme}://{LOOPBACK}:{port}"
         started.set()
 
-    thread = threading.Thread(target=relay._loop.run_forever, name="tcp-relay", daemon=True)
+    thread = threading.Thread(target=relay.loop.run_forever, name="tcp-relay", daemon=True)
     thread.start()
     try:
-        asyncio.run_coroutine_threadsafe(serve(), relay._loop).result(CALL_TIMEOUT_S)
+        asyncio.run_coroutine_threadsafe(serve(), relay.loop).result(CALL_TIMEOUT_S)
         started.wait(CALL_TIMEOUT_S)
         yield relay
     finally:
@@ -115,11 +119,11 @@ def run_tcp_relay(target_url: str) -> Iterator[TcpRelay]:
         async def shutdown() -> None:
             if server is not None:
                 server.close()
-            await relay._sever()
+            await relay.reset_all()
             if server is not None:
                 await server.wait_closed()
 
-        asyncio.run_coroutine_threadsafe(shutdown(), relay._loop).result(CALL_TIMEOUT_S)
-        relay._loop.call_soon_threadsafe(relay._loop.stop)
+        asyncio.run_coroutine_threadsafe(shutdown(), relay.loop).result(CALL_TIMEOUT_S)
+        relay.loop.call_soon_threadsafe(relay.loop.stop)
         thread.join(CALL_TIMEOUT_S)
-        relay._loop.close()
+        relay.loop.close()
