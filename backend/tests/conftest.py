@@ -129,7 +129,7 @@ def completion(
     *,
     finish_reason: str = "stop",
     model: str = "gpt-5-mini-2025",
-    usage: dict[str, int] | None = None,
+    usage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": "chatcmpl-123",

@@ -143,6 +143,9 @@ class MemoryStreamBuffers:
                 yield event
                 if event.final:
                     return
+            if buffer.ended_at is not None:
+                # Resumed after the final event: nothing more will come.
+                return
             await changed.wait()
 
     async def owner(self, stream_id: str) -> str | None:
@@ -235,13 +238,20 @@ class RedisStreamBuffers:
             pipeline.xadd(key, {"n": event.name, "d": event.data}, id=f"0-{event_id}")
             pipeline.pexpire(key, self._ttl_ms)
             pipeline.pexpire(meta, self._ttl_ms)
-            _, _, meta_kept = await pipeline.execute()
-        if not meta_kept:
+            if event.final:
+                pipeline.hset(meta, "final", event_id)
+            replies = await pipeline.execute()
+        if not replies[2]:
             raise StreamGoneError(stream_id)
 
     async def follow(self, stream_id: str, *, after: int) -> AsyncIterator[BufferedEvent]:
         key = _events_key(stream_id)
         last = f"0-{after}"
+        async with self._command():
+            final = await self._redis.hget(_meta_key(stream_id), "final")
+        if final is not None and after >= int(final):
+            # Resumed after the final event: nothing more will come.
+            return
         while True:
             try:
                 async with asyncio.timeout(FOLLOW_BLOCK_MS / 1000 + REDIS_TIMEOUT_SECONDS):

@@ -860,6 +860,10 @@ async def test_cors_preflight_and_exposed_request_id(
                 "Access-Control-Request-Headers": "authorization,content-type",
             },
         )
+        stop_preflight = await client.options(
+            CHAT + "/streams/" + "0" * 32,
+            headers={"Origin": origin, "Access-Control-Request-Method": "DELETE"},
+        )
         streamed = await client.post(CHAT, json=chat_body(stream=True), headers={"Origin": origin})
         foreign = await client.options(
             CHAT, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
@@ -867,8 +871,12 @@ async def test_cors_preflight_and_exposed_request_id(
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == origin
     assert preflight.headers["x-request-id"]
+    assert stop_preflight.status_code == 200
+    assert "DELETE" in stop_preflight.headers["access-control-allow-methods"]
     assert streamed.headers["access-control-allow-origin"] == origin
-    assert "x-request-id" in streamed.headers["access-control-expose-headers"].lower()
+    exposed = streamed.headers["access-control-expose-headers"].lower()
+    for header in ("x-request-id", "x-stream-id", "retry-after", "x-ratelimit-remaining-tokens"):
+        assert header in exposed
     assert "access-control-allow-origin" not in foreign.headers
 
 
