@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 
 log = structlog.get_logger("errors")
 
@@ -132,8 +133,20 @@ async def _http_exception_handler(request: Request, exc: Exception) -> Response:
     if code is None:
         # Framework errors we do not expect (for example a malformed body FastAPI could not read).
         code = ErrorCode.VALIDATION_ERROR if exc.status_code == 400 else ErrorCode.INTERNAL_ERROR
-    error = ServiceError(code, str(exc.detail), status_code=exc.status_code, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    error = ServiceError(code, str(exc.detail), status_code=exc.status_code, headers=headers)
     return error_response(error, request_id_of(request))
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the path answers, across all its routes (the router names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, BaseRoute) and route.matches(request.scope)[0] is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def register_error_handlers(app: FastAPI) -> None:
