@@ -9,6 +9,7 @@ Every error response has the body `{"error": {"code", "message", "request_id"[, 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any
@@ -18,7 +19,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match
 
 log = structlog.get_logger("errors")
 
@@ -124,6 +124,7 @@ async def _validation_error_handler(request: Request, exc: Exception) -> Respons
     return error_response(error, request_id_of(request))
 
 
+_HTTP_METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"})
 _HTTP_STATUS_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 401: ErrorCode.UNAUTHORIZED}
 
 
@@ -135,18 +136,21 @@ async def _http_exception_handler(request: Request, exc: Exception) -> Response:
         code = ErrorCode.VALIDATION_ERROR if exc.status_code == 400 else ErrorCode.INTERNAL_ERROR
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
-        headers["Allow"] = ", ".join(_allowed_methods(request))
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
     error = ServiceError(code, str(exc.detail), status_code=exc.status_code, headers=headers)
     return error_response(error, request_id_of(request))
 
 
-def _allowed_methods(request: Request) -> list[str]:
-    """Every method the path answers, across all its routes (the router names only the first route's)."""
-    methods: set[str] = set()
-    for route in request.app.routes:
-        if isinstance(route, BaseRoute) and route.matches(request.scope)[0] is not Match.NONE:
-            methods.update(getattr(route, "methods", None) or ())
-    return sorted(methods)
+def _allowed_methods(request: Request) -> str | None:
+    """Every method the path answers, across all its routes (the router's 405 names only the first route's), as the
+    app's own OpenAPI document lists them; None for a path it does not describe."""
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = "".join(
+            "[^/]+" if part.startswith("{") else re.escape(part) for part in re.split(r"(\{[^}]+\})", template)
+        )
+        if re.fullmatch(pattern, request.url.path):
+            return ", ".join(sorted(method.upper() for method in operations if method.upper() in _HTTP_METHODS))
+    return None
 
 
 def register_error_handlers(app: FastAPI) -> None:
