@@ -427,9 +427,11 @@ SSE_FIRST = [
 ]
 SSE_RESUMED = [
     'id: 2\nevent: delta\ndata: {"content": "lo, w\xc3\xb6"}\n\nid: 3\nevent: delta\ndata: {"content": "rld"}\n\n',
-    'id: 4\nevent: done\ndata: {"finish_reason": "stop"}\n\n',
+    # A draining instance's goodbye to its readers: no id, so not the stream's end.
+    'event: error\ndata: {"code": "server_shutting_down", "message": "bye", "request_id": "r1"}\n\n',
 ]
-READ_CRAFTED_STREAMS = """async ([first, resumed]) => {
+SSE_RESUMED_AGAIN = ['id: 4\nevent: done\ndata: {"finish_reason": "stop"}\n\n']
+READ_CRAFTED_STREAMS = """async ([first, resumed, again]) => {
   const bytes = (chunk) => Uint8Array.from(chunk, (c) => c.charCodeAt(0));
   const stream = (chunks) => new ReadableStream({
     start(controller) { for (const chunk of chunks) controller.enqueue(bytes(chunk)); controller.close(); },
@@ -440,21 +442,26 @@ READ_CRAFTED_STREAMS = """async ([first, resumed]) => {
   const view = { render() {} };
   const endedFirst = await readAnswer(stream(first), answer, view);
   const endedResumed = await readAnswer(stream(resumed), answer, view);
-  return { events, endedFirst, endedResumed, text: answer.text, lastEventId: answer.lastEventId, done: answer.done };
+  const endedAgain = await readAnswer(stream(again), answer, view);
+  return {
+    events, endedFirst, endedResumed, endedAgain, text: answer.text, lastEventId: answer.lastEventId, done: answer.done,
+  };
 }"""
 
 
 def test_page_sse_parser_handles_split_lines_comments_and_replays(tab: BrowserTab, service: RunningService) -> None:
     """The page's own parser (the README's reference) on crafted bytes, in the browser that runs it."""
     tab.open(service.url)
-    result = tab.page.evaluate(READ_CRAFTED_STREAMS, [SSE_FIRST, SSE_RESUMED])
+    result = tab.page.evaluate(READ_CRAFTED_STREAMS, [SSE_FIRST, SSE_RESUMED, SSE_RESUMED_AGAIN])
     assert result["events"] == [
         {"id": "1", "event": "delta", "data": '{"content": "Hel"}'},
         {"id": "2", "event": "delta", "data": '{"content":\n"lo, w\u00f6"}'},
     ]
-    # The first connection ended without an end event (so the page would resume it) ...
+    # Neither the first connection (cut) nor the resume (a draining instance's id-less goodbye) was the end: the
+    # page would resume both times ...
     assert result["endedFirst"] is False
-    assert result["endedResumed"] is True
+    assert result["endedResumed"] is False
+    assert result["endedAgain"] is True
     # ... and the resume's replay of event 2 was skipped: every piece once, in order.
     assert result["text"] == "Hello, w\u00f6rld"
     assert result["lastEventId"] == 4
