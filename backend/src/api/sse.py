@@ -11,19 +11,22 @@ sse-starlette, because a chat stream needs all of this and none of them does all
   LLM_STREAM_SEND_TIMEOUT_SECONDS ends it;
 - at the end of the shutdown grace, a final `server_shutting_down` error event;
 - and `ChatStream.aclose()` on every path, which closes the upstream and logs the call once.
+
+It streams any relay of the core (`ChatStream`'s named events, `ChunkStream`'s OpenAI chunks), each with its encoder.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import structlog
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from src.core.llm.relay import ChatStream, StreamEnd
+from src.core.llm.relay import StreamEnd
 from src.core.shutdown import Drain
 from src.models.llm import StreamDelta, StreamDone, StreamError, StreamEvent
 
@@ -40,6 +43,22 @@ _EVENT_NAMES: dict[type[StreamEvent], bytes] = {StreamDelta: b"delta", StreamDon
 _END_OF_BODY: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
 log = structlog.get_logger("sse")
+
+E = TypeVar("E")
+E_co = TypeVar("E_co", covariant=True)
+
+
+class RelayedStream(Protocol[E_co]):
+    """What the response needs of a relay of the core (`ChatStream`, `ChunkStream`)."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    def __aiter__(self) -> AsyncIterator[E_co]: ...
+
+    def shutdown_event(self) -> E_co: ...
+
+    async def aclose(self, *, end: StreamEnd = ...) -> None: ...
 
 
 def encode_event(event: StreamEvent) -> bytes:
@@ -78,18 +97,18 @@ class _Writer:
         await self.write({"type": "http.response.body", "body": data, "more_body": True})
 
 
-class EventStreamResponse(Response):
-    """`text/event-stream` over an already opened `ChatStream` (see the module docstring for what it guarantees)."""
+class EventStreamResponse(Response, Generic[E]):
+    """`text/event-stream` over an already opened relay (see the module docstring for what it guarantees)."""
 
     media_type = "text/event-stream"
 
     def __init__(
         self,
-        stream: ChatStream,
+        stream: RelayedStream[E],
         *,
         timings: StreamTimings,
         drain: Drain,
-        encode: Callable[[StreamEvent], bytes] = encode_event,
+        encode: Callable[[E], bytes],
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(content=None, headers={**SSE_HEADERS, **(headers or {})}, media_type=self.media_type)

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Request, Response
 from src.api.abandonment import unless_abandoned
 from src.api.deps import LLMServiceDep, request_id_of, service_key_of, stream_timings_of
 from src.api.openapi import error_doc
-from src.api.sse import EventStreamResponse
+from src.api.sse import EventStreamResponse, encode_event
 from src.core.llm.call_context import CallContext
-from src.models.llm import LLMRequest, LLMResponse
+from src.models.llm import LLMRequest, LLMResponse, StreamEvent
 
 _STREAM_DESCRIPTION = (
     'With `stream: true`: `text/event-stream` of `event: delta` (`{"content"}`), then `event: done` '
@@ -62,7 +62,7 @@ router = APIRouter(prefix="/llm", tags=["llm"])
 )
 async def chat(
     body: LLMRequest, service: LLMServiceDep, request: Request, response: Response
-) -> LLMResponse | EventStreamResponse:
+) -> LLMResponse | EventStreamResponse[StreamEvent]:
     context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route="chat")
     drain = service.drain
     if body.stream:
@@ -71,7 +71,11 @@ async def chat(
             service.stream_chat_completion(body, context=context), receive=request.receive, drain=drain
         )
         return EventStreamResponse(
-            stream, timings=stream_timings_of(request), drain=drain, headers=context.response_headers
+            stream,
+            timings=stream_timings_of(request),
+            drain=drain,
+            encode=encode_event,
+            headers=context.response_headers,
         )
     answer = await unless_abandoned(
         service.get_chat_completion(body, context=context), receive=request.receive, drain=drain
