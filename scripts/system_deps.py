@@ -1,4 +1,4 @@
-"""Install the Debian packages the tests and the benchmark run (nginx, tinyproxy, wrk) when missing: `make system-deps`.
+"""Install the Debian packages the tests and the benchmark run (nginx, tinyproxy, wrk, nodejs, npm) when missing.
 
 As root, with apt-get, and without leaving the packages' daemons running or enabled: the test fixtures start nginx
 and tinyproxy themselves on free ports, so a system nginx on :80 or tinyproxy on :8888 would only get in the way.
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # Debian package -> the binary the tests look for: a fixed path (the nginx and tinyproxy fixtures), or a name on PATH.
-PACKAGES = {"nginx": "/usr/sbin/nginx", "tinyproxy": "/usr/bin/tinyproxy", "wrk": "wrk"}
+PACKAGES = {"nginx": "/usr/sbin/nginx", "tinyproxy": "/usr/bin/tinyproxy", "wrk": "wrk", "nodejs": "node", "npm": "npm"}
 # Packages whose maintainer scripts would start (and enable) a daemon.
 DAEMONS = ("nginx", "tinyproxy")
 # invoke-rc.d and deb-systemd-invoke ask this script before starting a service; 101 means "action forbidden".
