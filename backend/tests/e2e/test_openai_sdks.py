@@ -30,6 +30,7 @@ MODEL = "gpt-4.1-mini"
 CLIENT_TIMEOUT_SECONDS = 30.0
 SLOW_MODEL = "mock-slow-first-5"
 SHORT_TIMEOUT_SECONDS = 0.5
+STALL_MODEL = "mock-stream-stall"
 NODE_SDK_DIR = Path(__file__).resolve().parents[1] / "support" / "node_sdk"
 NODE_RUN_TIMEOUT_SECONDS = 60
 CITY_PARAMETERS = {
@@ -268,6 +269,17 @@ def test_python_sdk_raises_api_timeout_error_and_the_service_closes_the_upstream
     cancelled = service.wait_for_log(lambda line: line.get("event") == "llm_call" and line.get("model") == SLOW_MODEL)
     assert cancelled["cancelled"] is True
     assert cancelled["route"] == "openai"
+
+
+def test_python_sdk_closing_a_stream_early_closes_the_upstream_call(service: RunningService, sdk: SDK) -> None:
+    stream = sdk().chat.completions.create(model=STALL_MODEL, messages=_user("Stall after one word"), stream=True)
+    with stream:
+        first = next(iter(stream))
+
+    assert first.object == "chat.completion.chunk"
+    ended = service.wait_for_log(lambda line: line.get("event") == "llm_call" and line.get("model") == STALL_MODEL)
+    assert ended["cancelled"] is True
+    assert ended["route"] == "openai"
 
 
 def test_ledger_route_and_log_lines_say_openai(service: RunningService, sdk: SDK) -> None:

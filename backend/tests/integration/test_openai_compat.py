@@ -5,16 +5,19 @@ respx stands in for the upstream; the real SDKs over real sockets are in tests/e
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import respx
+from starlette.types import Message, Receive, Scope, Send
 
+from src.api.middleware import RequestContextMiddleware
 from src.core.keys import key_digest
 from tests.conftest import UPSTREAM_KEY, completion, make_settings, sse_chunks, upstream_json
 
@@ -561,3 +564,70 @@ async def test_ledger_rows_and_log_lines_say_the_openai_route(
     calls = [line for line in read_logs() if line.get("event") == "llm_call"]
     assert [line["route"] for line in calls] == ["openai", "openai", "chat"]
     assert calls[1]["delivered_chunks"] == 2
+
+
+# --- the drain, and the last-resort 500 --------------------------------------------------------------------------
+
+
+async def test_draining_refuses_new_v1_calls_in_openais_envelope(app_client: Callable[..., Any]) -> None:
+    async with app_client(make_settings(llm_shutdown_grace_seconds=5)) as (client, app, _):
+        app.state.drain.begin()
+        refused = await client.post(COMPLETIONS, json=body())
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "server_shutting_down"
+    assert refused.json()["error"]["type"] == "server_error"
+
+
+async def test_a_v1_stream_still_running_when_the_grace_ends_gets_the_shutdown_error_line(
+    app_client: Callable[..., Any], upstream: respx.MockRouter, read_logs: Logs
+) -> None:
+    started = asyncio.Event()
+
+    class Endless(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield sse_chunks(["first"]).split(b"\n\n")[1] + b"\n\n"
+            started.set()
+            await asyncio.sleep(60)
+            yield b""
+
+    upstream.post("/chat/completions").mock(return_value=httpx.Response(200, stream=Endless(), headers=EVENT_STREAM))
+    async with app_client(make_settings(llm_shutdown_grace_seconds=0.1)) as (client, app, _):
+        call = asyncio.create_task(client.post(COMPLETIONS, json=body(stream=True)))
+        await asyncio.wait_for(started.wait(), timeout=5)
+        app.state.drain.begin()
+        response = await asyncio.wait_for(call, timeout=5)
+    relayed = data_lines(response.text)
+    assert json.loads(relayed[0])["choices"][0]["delta"]["content"] == "first"
+    assert json.loads(relayed[-1])["error"]["code"] == "server_shutting_down"
+    assert "[DONE]" not in relayed
+    calls = [line for line in read_logs() if line.get("event") == "llm_call"]
+    assert calls[-1]["code"] == "server_shutting_down"
+    assert calls[-1]["route"] == "openai"
+
+
+async def test_an_unexpected_failure_on_a_v1_path_is_openais_500() -> None:
+    async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RuntimeError("boom")
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    middleware = RequestContextMiddleware(broken)
+    scope: Scope = {"type": "http", "method": "POST", "path": COMPLETIONS, "headers": []}
+    await middleware(scope, receive, send)
+
+    assert sent[0]["status"] == 500
+    assert json.loads(sent[1]["body"]) == {
+        "error": {
+            "message": "The service failed unexpectedly.",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
