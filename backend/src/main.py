@@ -23,15 +23,17 @@ from src.api.deps import require_admin_key, require_chat_key
 from src.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
 from src.api.openapi import install_openapi
 from src.api.sse import StreamTimings
+from src.api.v1.endpoints.llm import STREAM_ID_HEADER
 from src.api.v1.router import chat_router, openai_router, operator_router
 from src.core.config import Settings, get_settings
 from src.core.errors import register_error_handlers
 from src.core.keys import Access, KeysFileError, load_access
 from src.core.ledger import Ledger
-from src.core.limits import build_limiter
+from src.core.limits import RATE_LIMIT_HEADERS, build_limiter
 from src.core.llm.accounting import CallAccounting
 from src.core.llm.call_record import CallLog
 from src.core.llm.client import OpenAIClient, environment_proxies
+from src.core.llm.resumable import build_resumable_streams
 from src.core.llm.service import LLMService
 from src.core.metrics import Metrics
 from src.core.shutdown import Drain
@@ -87,7 +89,15 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
                 metrics=metrics_recorder,
                 default_token_reserve=settings.llm_default_token_reserve,
             )
-            service = LLMService(client=client, settings=settings, drain=drain, accounting=accounting)
+            resumable = build_resumable_streams(
+                settings, redis_url=settings.redis_url, drain=drain, on_redis_error=metrics_recorder.redis_error
+            )
+            # Closed before the ledger and the limits: the streams' producers still log, write rows and settle.
+            started.push_async_callback(resumable.aclose)
+            resumable.start_listening()
+            service = LLMService(
+                client=client, settings=settings, drain=drain, accounting=accounting, resumable=resumable
+            )
             if settings.llm_startup_check:
                 # In the background: startup never waits for (or fails on) the upstream.
                 started.callback(asyncio.create_task(service.check_upstream()).cancel)
@@ -125,9 +135,10 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_allow_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Last-Event-ID"],
-            expose_headers=[REQUEST_ID_HEADER.decode()],
+            # What a browser's script may read: ids to correlate, resume and stop, and the limits to back off.
+            expose_headers=[REQUEST_ID_HEADER.decode(), STREAM_ID_HEADER, "Retry-After", *RATE_LIMIT_HEADERS],
             max_age=600,
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics_recorder)

@@ -129,7 +129,7 @@ def completion(
     *,
     finish_reason: str = "stop",
     model: str = "gpt-5-mini-2025",
-    usage: dict[str, int] | None = None,
+    usage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": "chatcmpl-123",
@@ -175,12 +175,19 @@ def sse_chunks(pieces: list[str], *, finish_reason: str = "stop", usage: bool = 
     return "".join(parts).encode()
 
 
-def parse_sse(text: str) -> list[tuple[str, dict[str, Any]]]:
+def parse_sse(text: str, *, first_id: int = 1) -> list[tuple[str, dict[str, Any]]]:
+    """Our events, in order; each must carry the next id (from `first_id`) except a last event outside the stream's
+    sequence (a resumed stream's reader told of a shutdown)."""
     events = []
+    expected_id = first_id
     for block in text.split("\n\n"):
         if not block.strip():
             continue
         lines = block.split("\n")
+        if lines[0].startswith("id: "):
+            assert lines[0] == f"id: {expected_id}", block
+            expected_id += 1
+            lines = lines[1:]
         assert lines[0].startswith("event: "), block
         assert len(lines) == 2, block
         assert lines[1].startswith("data: "), block

@@ -15,11 +15,17 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from src.core.config import Settings
-from src.models.llm import ErrorEnvelope, StreamDelta, StreamDone, StreamError
+from src.models.llm import ErrorEnvelope, StreamDelta, StreamDone, StreamError, StreamRefusal
 
 CHAT_PATH = "/api/v1/llm/chat"
+RESUME_PATH = "/api/v1/llm/chat/streams/{stream_id}"
 EVENT_STREAM = "text/event-stream"
-STREAM_EVENTS: dict[str, type[BaseModel]] = {"delta": StreamDelta, "done": StreamDone, "error": StreamError}
+STREAM_EVENTS: dict[str, type[BaseModel]] = {
+    "delta": StreamDelta,
+    "refusal": StreamRefusal,
+    "done": StreamDone,
+    "error": StreamError,
+}
 _REF_TEMPLATE = "#/components/schemas/{model}"
 
 
@@ -61,12 +67,18 @@ def _describe_stream_events(document: dict[str, Any]) -> None:
                         "contentMediaType": "application/json",
                         "contentSchema": {"$ref": _REF_TEMPLATE.format(model=model.__name__)},
                     },
-                    "id": {"type": "string"},
+                    "id": {
+                        "type": "string",
+                        "pattern": "^[1-9][0-9]*$",
+                        "description": "The event's number in its stream (1, 2, 3, ...); resume after it with "
+                        "`Last-Event-ID`.",
+                    },
                 },
             }
         )
-    stream = document["paths"][CHAT_PATH]["post"]["responses"]["200"]["content"][EVENT_STREAM]
-    stream["itemSchema"] = {"oneOf": variants}
+    for path, method in ((CHAT_PATH, "post"), (RESUME_PATH, "get")):
+        stream = document["paths"][path][method]["responses"]["200"]["content"][EVENT_STREAM]
+        stream["itemSchema"] = {"oneOf": variants}
 
 
 def _restrict_models(document: dict[str, Any], allowed_models: list[str]) -> None:

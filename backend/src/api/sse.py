@@ -12,7 +12,8 @@ sse-starlette, because a chat stream needs all of this and none of them does all
 - at the end of the shutdown grace, a final `server_shutting_down` error event;
 - and `ChatStream.aclose()` on every path, which closes the upstream and logs the call once.
 
-It streams any relay of the core (`ChatStream`'s named events, `ChunkStream`'s OpenAI chunks), each with its encoder.
+It streams any source of the core (`ChatStream`'s named events, a resumable stream's follower, `ChunkStream`'s
+OpenAI chunks), each with its encoder.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from src.core.llm.relay import StreamEnd
 from src.core.shutdown import Drain
-from src.models.llm import StreamDelta, StreamDone, StreamError, StreamEvent
+from src.core.stream_buffers import BufferedEvent
+from src.models.llm import EVENT_NAMES, StreamEvent
 
 SSE_HEADERS = {
     # Without these, proxies (nginx) and some clients buffer the stream and `curl -N` shows nothing until the end.
@@ -39,31 +41,46 @@ KEEPALIVE_COMMENT = b": keep-alive\n\n"
 # The watcher and ticker tasks start only once a stream has run this long: most short streams never need them
 # (a disconnect before that still waits in `receive`; keep-alives and stalls are seconds apart).
 WATCH_AFTER_SECONDS = 0.05
-_EVENT_NAMES: dict[type[StreamEvent], bytes] = {StreamDelta: b"delta", StreamDone: b"done", StreamError: b"error"}
+_EVENT_NAMES = {kind: name.encode() for kind, name in EVENT_NAMES.items()}
 _END_OF_BODY: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
 log = structlog.get_logger("sse")
 
+# What a stream's source yields: typed events, or events replayed from a resumable stream's buffer.
+SourceEvent = StreamEvent | BufferedEvent
 E = TypeVar("E")
 E_co = TypeVar("E_co", covariant=True)
 
 
-class RelayedStream(Protocol[E_co]):
-    """What the response needs of a relay of the core (`ChatStream`, `ChunkStream`)."""
+def encode_event(event: SourceEvent, event_id: int | None) -> bytes:
+    """The one encoder of our stream: an event with its id (when it is one of the stream's), its name, and a single
+    `data:` line holding one JSON object."""
+    if isinstance(event, BufferedEvent):
+        name, data = event.name.encode(), event.data.encode()
+    else:
+        name, data = _EVENT_NAMES[type(event)], event.model_dump_json().encode()
+    head = b"" if event_id is None else b"id: " + str(event_id).encode() + b"\n"
+    return head + b"event: " + name + b"\ndata: " + data + b"\n\n"
+
+
+class EventSource(Protocol[E_co]):
+    """What the response streams: a `ChatStream` (numbered from 1), a follower of a resumable stream (numbered
+    from the event after the one it resumes from), or a `ChunkStream` (OpenAI's format, whose encoder uses no ids)."""
 
     @property
     def request_id(self) -> str: ...
+
+    @property
+    def resumable(self) -> bool: ...
+
+    @property
+    def first_event_id(self) -> int: ...
 
     def __aiter__(self) -> AsyncIterator[E_co]: ...
 
     def shutdown_event(self) -> E_co: ...
 
     async def aclose(self, *, end: StreamEnd = ...) -> None: ...
-
-
-def encode_event(event: StreamEvent) -> bytes:
-    """The one encoder of our stream: a named event whose single `data:` line is one JSON object."""
-    return b"event: " + _EVENT_NAMES[type(event)] + b"\ndata: " + event.model_dump_json().encode() + b"\n\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,17 +115,17 @@ class _Writer:
 
 
 class EventStreamResponse(Response, Generic[E]):
-    """`text/event-stream` over an already opened relay (see the module docstring for what it guarantees)."""
+    """`text/event-stream` over an already opened stream (see the module docstring for what it guarantees)."""
 
     media_type = "text/event-stream"
 
     def __init__(
         self,
-        stream: RelayedStream[E],
+        stream: EventSource[E],
         *,
         timings: StreamTimings,
         drain: Drain,
-        encode: Callable[[E], bytes],
+        encode: Callable[[E, int | None], bytes],
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(content=None, headers={**SSE_HEADERS, **(headers or {})}, media_type=self.media_type)
@@ -176,10 +193,12 @@ class EventStreamResponse(Response, Generic[E]):
         later = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, start_watching)
         unsubscribe = self._drain.subscribe(lambda: interrupt(StreamEnd.SHUTDOWN))
         end = StreamEnd.DELIVERED
+        event_id = self._stream.first_event_id
         try:
             await writer.write({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for event in self._stream:
-                await writer.body(self._encode(event))
+                await writer.body(self._encode(event, event_id))
+                event_id += 1
             finished = True
             await writer.write(_END_OF_BODY)
         except asyncio.CancelledError:
@@ -201,13 +220,14 @@ class EventStreamResponse(Response, Generic[E]):
                     "stream_client_stalled", request_id=self._stream.request_id, send_timeout_seconds=send_timeout
                 )
             if end is StreamEnd.SHUTDOWN:
-                await self._say_shutting_down(writer)
+                # A resumable stream may go on elsewhere: its reader's last event here is not one of its events.
+                await self._say_shutting_down(writer, None if self._stream.resumable else event_id)
             await self._stream.aclose(end=end)
 
-    async def _say_shutting_down(self, writer: _Writer) -> None:
+    async def _say_shutting_down(self, writer: _Writer, event_id: int | None) -> None:
         try:
             async with asyncio.timeout(self._timings.send_timeout_seconds):
-                await writer.body(self._encode(self._stream.shutdown_event()))
+                await writer.body(self._encode(self._stream.shutdown_event(), event_id))
                 await writer.write(_END_OF_BODY)
         except (TimeoutError, OSError):
             log.warning("stream_shutdown_event_not_delivered", request_id=self._stream.request_id)

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     admin_api_keys: CommaList = Field(default_factory=list, repr=False)
     # Tokens reserved against a key's limits for a call that sets no max_tokens (settled to the real usage after).
     llm_default_token_reserve: int = Field(default=4096, ge=1)
+    # Resumable streams: how long a stream's events are kept after it ends, and the memory they may take.
+    llm_resume_ttl_seconds: float = Field(default=600.0, gt=0)
+    llm_resume_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    llm_resume_total_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     database_url: str = Field(default=DEFAULT_DATABASE_URL, min_length=1, repr=False)
     redis_url: str | None = Field(default=None, repr=False)
     metrics_dir: Path | None = None
@@ -67,7 +71,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     log_prompts: bool = False
-    max_request_bytes: int = Field(default=1_048_576, ge=1)
+    # Room for a few phone photos as data URLs (base64 adds a third): 32 MiB.
+    max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     llm_demo_upstream: bool = False
 
     @field_validator("llm_allowed_models", "service_api_keys", "admin_api_keys", "cors_allow_origins", mode="before")

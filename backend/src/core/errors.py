@@ -46,6 +46,9 @@ class ErrorCode(StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     SERVER_SHUTTING_DOWN = "server_shutting_down"
+    STREAM_NOT_FOUND = "stream_not_found"
+    RESUME_UNAVAILABLE = "resume_unavailable"
+    RESUME_BUFFER_FULL = "resume_buffer_full"
     # Only in logs: the client left before its answer (nginx's 499), so nobody reads the response.
     CLIENT_CLOSED_REQUEST = "client_closed_request"
     LEDGER_UNAVAILABLE = "ledger_unavailable"

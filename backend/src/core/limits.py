@@ -63,6 +63,12 @@ REPLY_PRIMING_TOKENS = 3
 IMAGE_TOKENS = 85
 
 
+# Every header a limited key's answers may carry (OpenAI's names).
+RATE_LIMIT_HEADERS = tuple(
+    f"x-ratelimit-{kind}-{name}" for name in ("requests", "tokens") for kind in ("limit", "remaining", "reset")
+)
+
+
 @dataclass(frozen=True, slots=True)
 class KeyLimits:
     """A key's limits; None means unlimited."""
@@ -91,7 +97,7 @@ class LimitState:
     reset_tokens_seconds: float | None
 
     def headers(self) -> dict[str, str]:
-        """OpenAI's `x-ratelimit-*` headers, in its formats, for the limits that are set."""
+        """OpenAI's `x-ratelimit-*` headers (RATE_LIMIT_HEADERS), in its formats, for the limits that are set."""
         headers: dict[str, str] = {}
         for name, limit, remaining, reset in (
             ("requests", self.limit_requests, self.remaining_requests, self.reset_requests_seconds),

@@ -33,6 +33,10 @@ class Drain:
         self._log = structlog.get_logger("shutdown")
 
     @property
+    def grace_seconds(self) -> float:
+        return self._grace_seconds
+
+    @property
     def expired(self) -> bool:
         return self._expired
 

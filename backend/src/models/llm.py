@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 Role = Literal["system", "developer", "user", "assistant"]
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
@@ -29,9 +40,71 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# An image is a public https URL or inline data in one of the formats OpenAI's vision models read.
+_IMAGE_URL = re.compile(r"https://[^\s]+|data:image/(?:png|jpeg|webp|gif);base64,[A-Za-z0-9+/]+={0,2}")
+IMAGE_URL_RULE = "an https:// URL or a data:image/png|jpeg|webp|gif;base64,... URL"
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: StrictStr = Field(min_length=1)
+
+
+class ImageURL(_Request):
+    url: StrictStr = Field(description=f"Either {IMAGE_URL_RULE}.")
+    detail: Literal["auto", "low", "high"] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _image_url(cls, value: str) -> str:
+        if not _IMAGE_URL.fullmatch(value) or (value.startswith("data:") and len(value.split(",", 1)[1]) % 4):
+            raise ValueError(f"must be {IMAGE_URL_RULE}")
+        return value
+
+
+class ImagePart(_Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(_Request):
     role: Role
-    content: str = Field(min_length=1)
+    content: Annotated[str, Field(min_length=1)] | Annotated[list[ContentPart], Field(min_length=1)] = Field(
+        description="Text, or for a `user` message a list of text and image parts, forwarded in order."
+    )
+
+    @model_validator(mode="after")
+    def _parts_only_from_users(self) -> ChatMessage:
+        if not isinstance(self.content, str) and self.role != "user":
+            raise ValueError(f"only user messages may carry content parts (this one is {self.role!r})")
+        return self
+
+
+class TextFormat(_Request):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Request):
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    # Named `schema` on the wire; the attribute is renamed so it does not shadow BaseModel's.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class JsonSchemaFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
 class LLMRequest(_Request):
@@ -47,22 +120,38 @@ class LLMRequest(_Request):
     seed: StrictInt | None = None
     reasoning_effort: ReasoningEffort | None = None
     user: str | None = Field(default=None, max_length=256)
+    response_format: ResponseFormat | None = Field(default=None, description="Forwarded as OpenAI defines it.")
+    resumable: StrictBool = Field(
+        default=False,
+        description="Streams only: the stream outlives its connection and can be resumed by its `X-Stream-ID`.",
+    )
 
     @field_validator("max_tokens", "seed", mode="before")
     @classmethod
     def _integral_numbers(cls, value: object) -> object:
         return _integral(value)
 
+    @model_validator(mode="after")
+    def _resumable_streams_only(self) -> LLMRequest:
+        if self.resumable and not self.stream:
+            raise ValueError("resumable applies to streams only: set stream to true")
+        return self
+
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # From `completion_tokens_details` and `prompt_tokens_details`; null when the upstream did not say.
+    reasoning_tokens: int | None = None
+    cached_tokens: int | None = None
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    # The model's refusal (structured output), instead of content.
+    refusal: str | None = None
 
 
 class LLMResponse(BaseModel):
@@ -76,6 +165,12 @@ class LLMResponse(BaseModel):
 
 class StreamDelta(BaseModel):
     """`event: delta`: one non-empty piece of the answer, in order."""
+
+    content: str
+
+
+class StreamRefusal(BaseModel):
+    """`event: refusal`: a piece of the model's refusal, in order (structured output)."""
 
     content: str
 
@@ -98,8 +193,15 @@ class StreamError(BaseModel):
     request_id: str
 
 
-# What a chat stream yields, in order: deltas, then exactly one `StreamDone` or `StreamError`.
-StreamEvent = StreamDelta | StreamDone | StreamError
+# What a chat stream yields, in order: deltas (and refusals), then exactly one `StreamDone` or `StreamError`.
+StreamEvent = StreamDelta | StreamRefusal | StreamDone | StreamError
+# Each event's name on the wire (`event: delta`).
+EVENT_NAMES: dict[type[StreamEvent], str] = {
+    StreamDelta: "delta",
+    StreamRefusal: "refusal",
+    StreamDone: "done",
+    StreamError: "error",
+}
 
 
 class ErrorDetail(BaseModel):

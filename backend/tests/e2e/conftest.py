@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from src.devtools.servers import ServerProcess, start_mock_upstream, start_service
 
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/0"
 # Long enough that a healthy call never trips it, short enough that the hang faults finish quickly.
 E2E_TIMEOUT_SECONDS = 1.5
 E2E_STREAM_DELAY_MS = 30
@@ -64,3 +67,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         upstream.stop()
         upstream_log.close()
         service_log.close()
+
+
+def unavailable(what: str, url: str, problem: object) -> None:
+    """A real server the test needs is not there: skip on a laptop, fail under CI (where nothing may skip)."""
+    message = f"{what} is not reachable at {url} ({problem}): start it, or point TEST_{what.upper()}_URL at one"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """The real Redis at TEST_REDIS_URL."""
+    url = os.environ.get("TEST_REDIS_URL") or DEFAULT_TEST_REDIS_URL
+    client = redis.Redis.from_url(url, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unavailable("redis", url, exc)
+    yield url
+    client.close()

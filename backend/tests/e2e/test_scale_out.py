@@ -16,30 +16,22 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from src.core.keys import key_digest
 from src.core.ledger import parse_database_url
 from src.devtools.servers import ServerProcess, free_port
+from tests.e2e.conftest import unavailable
 from tests.e2e.network import CHAT, RunningService, chat, running_service
 
 pytestmark = pytest.mark.e2e
 
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
-DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/0"
 ADMIN_KEY = "llmsvc-scale-admin"
 REQUESTS_PER_MINUTE = 6
 CALLS = 10
 # A window's worth of calls must not straddle two minutes (each would admit its own 6).
 SECONDS_NEEDED_IN_THE_MINUTE = 15
-
-
-def _unavailable(what: str, url: str, problem: object) -> None:
-    message = f"{what} is not reachable at {url} ({problem}): start it, or point TEST_{what.upper()}_URL at one"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +51,11 @@ def postgres_database() -> Iterator[str]:
     try:
         asyncio.run(admin(f"CREATE DATABASE {name}"))
     except (OSError, asyncpg.PostgresError) as exc:
-        _unavailable("database", url, exc)
+        unavailable("database", url, exc)
     try:
         yield url.rsplit("/", 1)[0] + f"/{name}"
     finally:
         asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    url = os.environ.get("TEST_REDIS_URL") or DEFAULT_TEST_REDIS_URL
-    client = redis.Redis.from_url(url, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        _unavailable("redis", url, exc)
-    yield url
-    client.close()
 
 
 def _keys_file(directory: Path, name: str, key: str) -> Path:

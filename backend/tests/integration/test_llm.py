@@ -50,9 +50,16 @@ async def test_batch_answer_has_contract_shape(client: httpx.AsyncClient, upstre
         "id": "chatcmpl-123",
         "model": "gpt-5-mini-2025",
         "request_id": response.headers["x-request-id"],
-        "message": {"role": "assistant", "content": "Hi! How can I help?"},
+        "message": {"role": "assistant", "content": "Hi! How can I help?", "refusal": None},
         "finish_reason": "stop",
-        "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15},
+        # The upstream gave no details: null, not 0.
+        "usage": {
+            "prompt_tokens": 9,
+            "completion_tokens": 6,
+            "total_tokens": 15,
+            "reasoning_tokens": None,
+            "cached_tokens": None,
+        },
     }
 
 
@@ -556,7 +563,13 @@ async def test_stream_sends_delta_events_then_done(client: httpx.AsyncClient, up
                 "model": "gpt-5-mini-2025",
                 "request_id": response.headers["x-request-id"],
                 "finish_reason": "stop",
-                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+                "usage": {
+                    "prompt_tokens": 5,
+                    "completion_tokens": 3,
+                    "total_tokens": 8,
+                    "reasoning_tokens": None,
+                    "cached_tokens": None,
+                },
             },
         ),
     ]
@@ -847,6 +860,10 @@ async def test_cors_preflight_and_exposed_request_id(
                 "Access-Control-Request-Headers": "authorization,content-type",
             },
         )
+        stop_preflight = await client.options(
+            CHAT + "/streams/" + "0" * 32,
+            headers={"Origin": origin, "Access-Control-Request-Method": "DELETE"},
+        )
         streamed = await client.post(CHAT, json=chat_body(stream=True), headers={"Origin": origin})
         foreign = await client.options(
             CHAT, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
@@ -854,8 +871,12 @@ async def test_cors_preflight_and_exposed_request_id(
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == origin
     assert preflight.headers["x-request-id"]
+    assert stop_preflight.status_code == 200
+    assert "DELETE" in stop_preflight.headers["access-control-allow-methods"]
     assert streamed.headers["access-control-allow-origin"] == origin
-    assert "x-request-id" in streamed.headers["access-control-expose-headers"].lower()
+    exposed = streamed.headers["access-control-expose-headers"].lower()
+    for header in ("x-request-id", "x-stream-id", "retry-after", "x-ratelimit-remaining-tokens"):
+        assert header in exposed
     assert "access-control-allow-origin" not in foreign.headers
 
 

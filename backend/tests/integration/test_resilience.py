@@ -147,7 +147,8 @@ async def test_a_stream_still_running_when_the_grace_ends_gets_the_shutdown_even
     assert response.status_code == 200
     assert response.text.endswith("\n\n")
     last = response.text.strip().split("\n\n")[-1]
-    assert last.startswith("event: error\n")
+    # The shutdown's last event is the stream's next one.
+    assert last.startswith("id: 2\nevent: error\n")
     assert json.loads(last.split("data: ", 1)[1])["code"] == "server_shutting_down"
     assert _calls(read_logs())[-1]["code"] == "server_shutting_down"
 
@@ -216,6 +217,8 @@ class _Events:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.ends: list[str] = []
         self.request_id = "r1"
+        self.resumable = False
+        self.first_event_id = 1
 
     def __aiter__(self) -> _Events:
         return self
@@ -248,7 +251,7 @@ async def test_keepalive_comments_fill_silences_and_stop_when_events_flow() -> N
         events,  # type: ignore[arg-type]
         timings=StreamTimings(keepalive_seconds=0.05, send_timeout_seconds=5),
         drain=Drain(grace_seconds=5),
-        encode=lambda event: event,
+        encode=lambda event, event_id: event,
     )
     serving = asyncio.create_task(response({"type": "http"}, receive, send))
     await asyncio.wait_for(two_comments.wait(), timeout=5)
@@ -275,7 +278,7 @@ async def test_a_reader_that_stops_reading_ends_the_stream_as_cancelled() -> Non
         events,  # type: ignore[arg-type]
         timings=StreamTimings(keepalive_seconds=30, send_timeout_seconds=0.1),
         drain=Drain(grace_seconds=5),
-        encode=lambda event: event,
+        encode=lambda event, event_id: event,
     )
     await asyncio.wait_for(response({"type": "http"}, receive, send), timeout=5)
     assert events.ends == ["client_gone"]

@@ -29,7 +29,9 @@ def test_defaults_match_the_contract() -> None:
     assert settings.llm_shutdown_grace_seconds == 20
     assert settings.service_api_keys == []
     assert (settings.log_level, settings.log_format, settings.log_prompts) == ("INFO", "json", False)
-    assert settings.max_request_bytes == 1_048_576
+    assert settings.max_request_bytes == 32 * 1024 * 1024
+    assert (settings.llm_resume_ttl_seconds, settings.llm_resume_max_bytes) == (600, 8 * 1024 * 1024)
+    assert settings.llm_resume_total_bytes == 256 * 1024 * 1024
 
 
 def test_env_file_at_repo_root_is_read_whatever_the_cwd_and_env_wins(

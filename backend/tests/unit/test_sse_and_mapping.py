@@ -12,10 +12,10 @@ from src.core.llm.upstream_errors import redact_secrets
 from src.models.llm import LLMRequest, StreamDelta, StreamDone, StreamError, Usage
 
 
-def test_encode_event_is_one_named_event_with_one_json_data_line() -> None:
-    encoded = encode_event(StreamDelta(content="line\nbreak ü"))
-    event, data, end1, end2 = encoded.decode().split("\n")
-    assert (event, end1, end2) == ("event: delta", "", "")
+def test_encode_event_is_one_numbered_named_event_with_one_json_data_line() -> None:
+    encoded = encode_event(StreamDelta(content="line\nbreak ü"), 7)
+    event_id, event, data, end1, end2 = encoded.decode().split("\n")
+    assert (event_id, event, end1, end2) == ("id: 7", "event: delta", "", "")
     assert json.loads(data.removeprefix("data: ")) == {"content": "line\nbreak ü"}
 
 
@@ -28,12 +28,14 @@ def test_encode_event_names_done_and_error_events_and_keeps_field_order() -> Non
         usage=Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3),
     )
     error = StreamError(code="upstream_error", message="broke", request_id="r")
-    assert encode_event(done) == (
+    assert encode_event(done, None) == (
         b'event: done\ndata: {"id":"c1","model":"m","request_id":"r","finish_reason":"stop",'
-        b'"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}\n\n'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3,"reasoning_tokens":null,'
+        b'"cached_tokens":null}}\n\n'
     )
     assert (
-        encode_event(error) == b'event: error\ndata: {"code":"upstream_error","message":"broke","request_id":"r"}\n\n'
+        encode_event(error, 2)
+        == b'id: 2\nevent: error\ndata: {"code":"upstream_error","message":"broke","request_id":"r"}\n\n'
     )
 
 

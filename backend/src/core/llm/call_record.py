@@ -49,6 +49,9 @@ class CallRecord:
     cancelled: bool = False
     delivered_chunks: int = 0
     delivered_chars: int = 0
+    # A resumable stream, and how many times it was resumed while it ran.
+    resumable: bool = False
+    resumes: int = 0
     # Only with LOG_PROMPTS=true.
     messages: list[dict[str, Any]] | None = None
     answer: str | None = None
@@ -94,6 +97,8 @@ class CallLog:
             fields["ttft_ms"] = record.ttft_ms
             fields["delivered_chunks"] = record.delivered_chunks
             fields["delivered_chars"] = record.delivered_chars
+        if record.resumable:
+            fields["resumes"] = record.resumes
         if record.cancelled:
             fields["cancelled"] = True
         if record.messages is not None:

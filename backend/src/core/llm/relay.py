@@ -24,7 +24,7 @@ from src.core.errors import ErrorCode, LLMServiceError, ServiceError
 from src.core.llm.accounting import CallAccounting
 from src.core.llm.call_record import CallLog, CallRecord
 from src.core.llm.upstream_errors import malformed, redact_secrets, translate_upstream_errors
-from src.models.llm import StreamDelta, StreamDone, StreamError, StreamEvent, Usage
+from src.models.llm import StreamDelta, StreamDone, StreamError, StreamEvent, StreamRefusal, Usage
 from src.models.openai_compat import RelayedChunk, RelayedDone
 
 DONE_SENTINEL = "[DONE]"
@@ -38,36 +38,51 @@ class StreamEnd(Enum):
     DELIVERED = "delivered"
     CLIENT_GONE = "client_gone"
     SHUTDOWN = "shutdown"
+    # Resumable streams: stopped by `DELETE`, or grown past the buffer kept for resuming them.
+    STOPPED = "stopped"
+    BUFFER_FULL = "buffer_full"
+
+
+def _detail(details: object, name: str) -> int | None:
+    value = details.get(name) if isinstance(details, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def parse_usage(value: object) -> Usage | None:
+    """OpenAI's usage object, with its details flattened: reasoning and cached tokens (None when not said)."""
     if not isinstance(value, dict):
         return None
     try:
-        return Usage.model_validate(value)
-    except ValidationError:
+        return Usage(
+            prompt_tokens=value["prompt_tokens"],
+            completion_tokens=value["completion_tokens"],
+            total_tokens=value["total_tokens"],
+            reasoning_tokens=_detail(value.get("completion_tokens_details"), "reasoning_tokens"),
+            cached_tokens=_detail(value.get("prompt_tokens_details"), "cached_tokens"),
+        )
+    except (KeyError, ValidationError):
         return None
 
 
 def record_usage(record: CallRecord, value: object) -> None:
-    """The usage an upstream reported, with its details: reasoning and cached tokens (None when not said)."""
-    record.usage = parse_usage(value)
-    if not isinstance(value, dict):
-        return
-    completion_details = value.get("completion_tokens_details")
-    prompt_details = value.get("prompt_tokens_details")
-    if isinstance(completion_details, dict) and isinstance(completion_details.get("reasoning_tokens"), int):
-        record.reasoning_tokens = completion_details["reasoning_tokens"]
-    if isinstance(prompt_details, dict) and isinstance(prompt_details.get("cached_tokens"), int):
-        record.cached_tokens = prompt_details["cached_tokens"]
+    """The usage an upstream reported, on the record (its details too, for the log line and the ledger)."""
+    usage = record.usage = parse_usage(value)
+    if usage is not None:
+        record.reasoning_tokens = usage.reasoning_tokens
+        record.cached_tokens = usage.cached_tokens
 
 
 class ChatStream:
     """An opened upstream stream, iterated as `StreamEvent`s; `aclose()` must always be called (it logs the call)."""
 
+    # Read by its own connection: events are numbered from 1, and a shutdown's last event is part of the stream.
+    resumable = False
+    first_event_id = 1
+
     def __init__(
         self,
         *,
+        stream_id: str,
         response: httpx.Response,
         record: CallRecord,
         call_log: CallLog,
@@ -75,6 +90,8 @@ class ChatStream:
         release_slot: Callable[[], None],
         keep_answer: bool,
     ) -> None:
+        self.stream_id = stream_id
+        self.upstream_id: str | None = None
         self._response = response
         self._record = record
         self._call_log = call_log
@@ -98,9 +115,22 @@ class ChatStream:
             code=ErrorCode.SERVER_SHUTTING_DOWN, message=SHUTDOWN_MESSAGE, request_id=self._record.request_id
         )
 
+    def stopped_event(self) -> StreamDone:
+        """The last event of a stream stopped by its caller (`DELETE`): usage only if the upstream had sent it."""
+        record = self._record
+        return StreamDone(
+            id=self.upstream_id,
+            model=record.upstream_model,
+            request_id=record.request_id,
+            finish_reason="cancelled",
+            usage=record.usage,
+        )
+
+    def note_resumes(self, count: int) -> None:
+        self._record.resumes = count
+
     async def _relay(self) -> AsyncGenerator[StreamEvent, None]:
         record = self._record
-        upstream_id: str | None = None
         usage: object = None
         completed = False
         try:
@@ -113,16 +143,19 @@ class ChatStream:
                     error = chunk.get("error")
                     if sse.event == "error" or error:
                         raise _error_in_stream(error)
-                    upstream_id = upstream_id or chunk.get("id")
+                    self.upstream_id = self.upstream_id or chunk.get("id")
                     record.upstream_model = record.upstream_model or chunk.get("model")
                     if chunk.get("usage"):
                         usage = chunk["usage"]
-                    for content, finish_reason in _choices(chunk):
+                    for content, refusal, finish_reason in _choices(chunk):
                         if content:
                             record.delivered(content)
                             if self._answer is not None:
                                 self._answer.append(content)
                             yield StreamDelta(content=content)
+                        if refusal:
+                            record.delivered(refusal)
+                            yield StreamRefusal(content=refusal)
                         if finish_reason:
                             record.finish_reason = finish_reason
             if not completed and record.finish_reason is None:
@@ -133,7 +166,7 @@ class ChatStream:
                 )
             record_usage(record, usage)
             yield StreamDone(
-                id=upstream_id,
+                id=self.upstream_id,
                 model=record.upstream_model,
                 request_id=record.request_id,
                 finish_reason=record.finish_reason,
@@ -172,6 +205,10 @@ class ChunkStream:
     OpenAI adds tomorrow), for the OpenAI-compatible API. The same accounting as `ChatStream`: the upstream's usage
     chunk (always asked for), else what was delivered; that chunk is passed on only when the caller asked for it.
     `aclose()` must always be called (it closes the upstream and logs the call, once)."""
+
+    # Read by its own connection only; OpenAI's stream has no event ids (its encoder writes none).
+    resumable = False
+    first_event_id = 1
 
     def __init__(
         self,
@@ -298,10 +335,12 @@ def _tool_call_text(tool_calls: object) -> str:
 
 
 def _mark_end(record: CallRecord, end: StreamEnd) -> None:
-    if end is StreamEnd.CLIENT_GONE:
+    if end is StreamEnd.CLIENT_GONE or end is StreamEnd.STOPPED:
         record.cancelled = True
     elif end is StreamEnd.SHUTDOWN:
         record.code = ErrorCode.SERVER_SHUTTING_DOWN
+    elif end is StreamEnd.BUFFER_FULL:
+        record.code = ErrorCode.RESUME_BUFFER_FULL
 
 
 async def _close_call(
@@ -335,18 +374,27 @@ def _chunk(data: str) -> dict[str, Any]:
     return chunk
 
 
-def _choices(chunk: dict[str, Any]) -> list[tuple[str | None, str | None]]:
-    """(content, finish_reason) of each choice in a chunk."""
+def _choices(chunk: dict[str, Any]) -> list[tuple[str | None, str | None, str | None]]:
+    """(content, refusal, finish_reason) of each choice in a chunk."""
     choices = chunk.get("choices") or []
     if not isinstance(choices, list):
         raise malformed("stream chunk")
-    found: list[tuple[str | None, str | None]] = []
+    found: list[tuple[str | None, str | None, str | None]] = []
     for choice in choices:
         if not isinstance(choice, dict):
             raise malformed("stream chunk")
         delta = choice.get("delta")
-        content = delta.get("content") if isinstance(delta, dict) else None
-        found.append((content if isinstance(content, str) else None, choice.get("finish_reason")))
+        if not isinstance(delta, dict):
+            found.append((None, None, choice.get("finish_reason")))
+            continue
+        content, refusal = delta.get("content"), delta.get("refusal")
+        found.append(
+            (
+                content if isinstance(content, str) else None,
+                refusal if isinstance(refusal, str) else None,
+                choice.get("finish_reason"),
+            )
+        )
     return found
 
 

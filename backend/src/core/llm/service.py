@@ -2,7 +2,9 @@
 
     get_chat_completion(request)     one batch answer (`LLMResponse`)
     stream_chat_completion(request)  opens the upstream first (failures before the first byte are plain HTTP
-                                     errors), then a `ChatStream` of typed events that always closes the upstream
+                                     errors), then a `ChatStream` of typed events that always closes the upstream,
+                                     or for a resumable stream a follower of its buffer (core/llm/resumable.py)
+    resume_stream / stop_stream      a resumable stream, by its id, for the key that started it
     relay_chat_completion(request)   the OpenAI-compatible API's batch: the upstream's `chat.completion` as sent
     relay_chat_completion_stream     ... and its stream: a `ChunkStream` of the upstream's own chunks
     list_models / retrieve_model     the models a caller may use (its allowlist, else the upstream's list)
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -31,7 +34,8 @@ from src.core.llm.call_context import CallContext
 from src.core.llm.call_record import CallLog, CallRecord
 from src.core.llm.client import OpenAIClient
 from src.core.llm.passthrough import passthrough_body
-from src.core.llm.relay import ChatStream, ChunkStream, record_usage
+from src.core.llm.relay import ChatStream, ChunkStream, StreamEnd, record_usage
+from src.core.llm.resumable import ResumableStreams, StreamFollower, build_resumable_streams
 from src.core.llm.retry import RetryPolicy
 from src.core.llm.slots import UpstreamSlots
 from src.core.llm.upstream_check import check_upstream
@@ -43,7 +47,7 @@ from src.core.llm.upstream_errors import (
     translate_upstream_errors,
 )
 from src.core.shutdown import Drain
-from src.models.llm import AssistantMessage, LLMRequest, LLMResponse, UpstreamState
+from src.models.llm import AssistantMessage, ChatMessage, LLMRequest, LLMResponse, UpstreamState
 from src.models.openai_compat import ModelList, ModelObject, PassthroughRequest, RelayedCompletion
 
 __all__ = ["LLMService", "LLMServiceError"]
@@ -73,6 +77,7 @@ class LLMService:
         settings: Settings,
         drain: Drain | None = None,
         accounting: CallAccounting | None = None,
+        resumable: ResumableStreams | None = None,
     ) -> None:
         self._client = client
         self._default_model = settings.llm_default_model
@@ -91,6 +96,7 @@ class LLMService:
             metrics=None,
             default_token_reserve=settings.llm_default_token_reserve,
         )
+        self._resumable = resumable or build_resumable_streams(settings, redis_url=None, drain=self._drain)
         self.upstream_state: UpstreamState = "unchecked" if client is not None else "not_configured"
 
     @property
@@ -208,9 +214,10 @@ class LLMService:
         finally:
             await self._finish(record)
 
-    async def stream_chat_completion(self, request: LLMRequest, *, context: CallContext) -> ChatStream:
+    async def stream_chat_completion(self, request: LLMRequest, *, context: CallContext) -> ChatStream | StreamFollower:
         """Open the upstream stream now, so that failures before the first byte are plain HTTP errors."""
         record = self._record(request, context, stream=True)
+        record.resumable = request.resumable
         try:
             client, body = await self._begin(request, context, record)
             body["stream"] = True
@@ -225,7 +232,9 @@ class LLMService:
             record.cancelled = True
             await self._finish(record)
             raise
-        return ChatStream(
+        stream = ChatStream(
+            # 128 random bits, made here: never the caller's request id, which anyone may choose.
+            stream_id=secrets.token_hex(16),
             response=response,
             record=record,
             call_log=self._call_log,
@@ -233,6 +242,24 @@ class LLMService:
             release_slot=self._slots.release,
             keep_answer=self._log_prompts,
         )
+        if not request.resumable:
+            return stream
+        try:
+            return await self._resumable.start(stream, owner=context.caller.name)
+        except BaseException:
+            await stream.aclose(end=StreamEnd.CLIENT_GONE)
+            raise
+
+    async def resume_stream(self, stream_id: str, *, context: CallContext, after: int) -> StreamFollower:
+        """The events of a resumable stream after event `after`, then live ones; 404 `stream_not_found` for a
+        stream that is unknown, expired, or was started with another key."""
+        return await self._resumable.resume(
+            stream_id, owner=context.caller.name, after=after, request_id=context.request_id
+        )
+
+    async def stop_stream(self, stream_id: str, *, context: CallContext) -> None:
+        """Stop a resumable stream: its upstream closes, and every reader gets `done` with `cancelled`."""
+        await self._resumable.stop(stream_id, owner=context.caller.name)
 
     async def _finish(self, record: CallRecord) -> None:
         settle = self._accounting.finish(record)
@@ -279,7 +306,7 @@ class LLMService:
             user=request.user,
         )
         if self._log_prompts:
-            record.messages = [message.model_dump() for message in request.messages]
+            record.messages = [_loggable(message) for message in request.messages]
         return record
 
     def _passthrough_record(self, request: PassthroughRequest, context: CallContext) -> CallRecord:
@@ -337,12 +364,20 @@ def _carry_limit_headers(error: ServiceError, context: CallContext) -> None:
 
 def upstream_body(request: LLMRequest, *, model: str) -> dict[str, Any]:
     """Only the parameters the caller set; `max_tokens` renamed for gpt-5 and o-series models."""
-    params = request.model_dump(exclude_unset=True, exclude_none=True, exclude={"messages", "model", "stream"})
+    params = request.model_dump(
+        exclude_unset=True, exclude_none=True, by_alias=True, exclude={"messages", "model", "stream", "resumable"}
+    )
     if "max_tokens" in params:
         params["max_completion_tokens"] = params.pop("max_tokens")
-    params["messages"] = [{"role": message.role, "content": message.content} for message in request.messages]
+    params["messages"] = [_wire_message(message) for message in request.messages]
     params["model"] = model
     return params
+
+
+def _wire_message(message: ChatMessage) -> dict[str, Any]:
+    if isinstance(message.content, str):
+        return {"role": message.role, "content": message.content}
+    return {"role": message.role, "content": [part.model_dump(exclude_none=True) for part in message.content]}
 
 
 def _batch_answer(content: bytes, record: CallRecord) -> LLMResponse:
@@ -356,7 +391,9 @@ def _batch_answer(content: bytes, record: CallRecord) -> LLMResponse:
             id=payload["id"],
             model=payload["model"],
             request_id=record.request_id,
-            message=AssistantMessage(content=choice["message"].get("content") or ""),
+            message=AssistantMessage(
+                content=choice["message"].get("content") or "", refusal=_text_or_none(choice["message"].get("refusal"))
+            ),
             finish_reason=record.finish_reason,
             usage=record.usage,
         )
@@ -385,3 +422,21 @@ def _relayed_answer(content: bytes, record: CallRecord) -> RelayedCompletion:
 
 def _allowed_model(model: str) -> ModelObject:
     return ModelObject(id=model, created=0, owned_by=ALLOWED_MODEL_OWNER)
+
+
+def _loggable(message: ChatMessage) -> dict[str, Any]:
+    """A message for LOG_PROMPTS' log line: inline images are replaced by their type and size (megabytes of base64
+    would drown the log, and say nothing a reader could use)."""
+    wire = _wire_message(message)
+    if isinstance(message.content, str):
+        return wire
+    for part in wire["content"]:
+        url = part.get("image_url", {}).get("url", "")
+        if url.startswith("data:"):
+            header, data = url.split(",", 1)
+            part["image_url"]["url"] = f"{header},<{len(data)} characters>"
+    return wire
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None

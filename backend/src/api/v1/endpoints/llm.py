@@ -1,24 +1,41 @@
-"""`POST /api/v1/llm/chat`: parse, call the service, shape the answer as JSON or as an SSE stream."""
+"""`POST /api/v1/llm/chat`: parse, call the service, shape the answer as JSON or as an SSE stream; and the
+resumable streams' `GET` (resume) and `DELETE` (stop) under `/api/v1/llm/chat/streams/{stream_id}`."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 
 from src.api.abandonment import unless_abandoned
 from src.api.deps import LLMServiceDep, request_id_of, service_key_of, stream_timings_of
 from src.api.openapi import error_doc
-from src.api.sse import EventStreamResponse, encode_event
+from src.api.sse import EventStreamResponse, SourceEvent, encode_event
 from src.core.llm.call_context import CallContext
-from src.models.llm import LLMRequest, LLMResponse, StreamEvent
+from src.models.llm import LLMRequest, LLMResponse
 
 _STREAM_DESCRIPTION = (
-    'With `stream: true`: `text/event-stream` of `event: delta` (`{"content"}`), then `event: done` '
-    '(`{"id", "model", "request_id", "finish_reason", "usage"}`), or `event: error` '
-    '(`{"code", "message", "request_id"}`) if the upstream fails after the stream began. '
-    "Lines starting with `:` are keep-alive comments, sent while the upstream is silent."
+    'With `stream: true`: `text/event-stream` of `event: delta` (`{"content"}`) and `event: refusal` '
+    '(`{"content"}`), then `event: done` (`{"id", "model", "request_id", "finish_reason", "usage"}`), or '
+    '`event: error` (`{"code", "message", "request_id"}`) if the upstream fails after the stream began. Every event '
+    "has an `id:` line (1, 2, 3, ...); the response's `X-Stream-ID` header names the stream. With "
+    "`resumable: true` the stream outlives its connection: resume it with `GET /api/v1/llm/chat/streams/{id}`, stop "
+    "it with `DELETE`. Lines starting with `:` are keep-alive comments, sent while the upstream is silent."
 )
+STREAM_ID_HEADER = "X-Stream-ID"
+_STREAM_HEADERS = {
+    STREAM_ID_HEADER: {
+        "description": "The stream's id (128 random bits, hex), for resuming and stopping it.",
+        "schema": {"type": "string"},
+    }
+}
+_STREAM_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: error_doc("unauthorized: service keys are configured and the bearer is missing or wrong"),
+    404: error_doc("stream_not_found: unknown, expired, or started with another key"),
+    422: error_doc("validation_error: `Last-Event-ID` or `last_event_id` is not a non-negative integer"),
+    503: error_doc("resume_unavailable: the store of resumable streams (Redis) failed"),
+}
+StreamIdPath = Annotated[str, Path(description="The `X-Stream-ID` of a resumable stream.")]
 
 
 CHAT_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -47,6 +64,7 @@ router = APIRouter(prefix="/llm", tags=["llm"])
     responses={
         200: {
             "description": "The answer",
+            "headers": _STREAM_HEADERS,
             "content": {
                 # The events' schemas (`itemSchema`) are added by api/openapi.py.
                 "text/event-stream": {
@@ -62,7 +80,7 @@ router = APIRouter(prefix="/llm", tags=["llm"])
 )
 async def chat(
     body: LLMRequest, service: LLMServiceDep, request: Request, response: Response
-) -> LLMResponse | EventStreamResponse[StreamEvent]:
+) -> LLMResponse | EventStreamResponse[SourceEvent]:
     context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route="chat")
     drain = service.drain
     if body.stream:
@@ -75,10 +93,65 @@ async def chat(
             timings=stream_timings_of(request),
             drain=drain,
             encode=encode_event,
-            headers=context.response_headers,
+            headers={**context.response_headers, STREAM_ID_HEADER: stream.stream_id},
         )
     answer = await unless_abandoned(
         service.get_chat_completion(body, context=context), receive=request.receive, drain=drain
     )
     response.headers.update(context.response_headers)
     return answer
+
+
+@router.get(
+    "/chat/streams/{stream_id}",
+    responses={
+        200: {
+            "description": "The stream's events after the last one received, then the live ones, with the same ids",
+            "headers": _STREAM_HEADERS,
+            "content": {"text/event-stream": {}},
+        },
+        **_STREAM_ERROR_RESPONSES,
+    },
+    response_class=EventStreamResponse,
+    # The return annotation is a subscripted generic, which FastAPI would try to read as a response model.
+    response_model=None,
+    status_code=200,
+    summary="Resume a resumable stream after the last event received",
+)
+async def resume_stream(
+    stream_id: StreamIdPath,
+    service: LLMServiceDep,
+    request: Request,
+    last_event_id_header: Annotated[
+        int | None, Header(alias="Last-Event-ID", ge=0, description="The id of the last event received.")
+    ] = None,
+    last_event_id: Annotated[
+        int | None, Query(ge=0, description="For clients that cannot set headers; the header wins.")
+    ] = None,
+) -> EventStreamResponse[SourceEvent]:
+    context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route="chat")
+    after = last_event_id_header if last_event_id_header is not None else last_event_id or 0
+    follower = await service.resume_stream(stream_id, context=context, after=after)
+    return EventStreamResponse(
+        follower,
+        timings=stream_timings_of(request),
+        drain=service.drain,
+        encode=encode_event,
+        headers={STREAM_ID_HEADER: follower.stream_id},
+    )
+
+
+@router.delete(
+    "/chat/streams/{stream_id}",
+    status_code=204,
+    response_class=Response,
+    responses={
+        204: {"description": "Stopped: every reader gets a last `done` with `finish_reason: cancelled`"},
+        **_STREAM_ERROR_RESPONSES,
+    },
+    summary="Stop a resumable stream (the stop button)",
+)
+async def stop_stream(stream_id: StreamIdPath, service: LLMServiceDep, request: Request) -> Response:
+    context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route="chat")
+    await service.stop_stream(stream_id, context=context)
+    return Response(status_code=204)

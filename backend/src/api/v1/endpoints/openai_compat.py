@@ -67,8 +67,9 @@ _MODELS_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-def encode_chunk_event(event: ChunkEvent) -> bytes:
-    """OpenAI's stream wire format: each chunk as sent, `[DONE]` at the end, or the error the SDKs raise from."""
+def encode_chunk_event(event: ChunkEvent, event_id: int | None) -> bytes:
+    """OpenAI's stream wire format: each chunk as sent, `[DONE]` at the end, or the error the SDKs raise from. No
+    `id:` lines: OpenAI's streams have none, and a `ChunkStream` cannot be resumed."""
     if isinstance(event, RelayedChunk):
         return b"data: " + event.data.encode() + b"\n\n"
     if isinstance(event, StreamError):
