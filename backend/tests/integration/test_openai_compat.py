@@ -631,3 +631,21 @@ async def test_an_unexpected_failure_on_a_v1_path_is_openais_500() -> None:
             "code": "internal_error",
         }
     }
+
+
+async def test_log_prompts_logs_inline_images_by_size_and_sends_them_whole(
+    app_client: Callable[..., Any], upstream: respx.MockRouter, read_logs: Logs
+) -> None:
+    route = upstream.post("/chat/completions").respond(200, json=completion())
+    image = "data:image/png;base64," + "A" * 4000
+    message = {
+        "role": "user",
+        "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": image}}],
+    }
+    async with app_client(make_settings(log_prompts=True)) as (client, _, _):
+        await client.post(COMPLETIONS, json={"messages": [message]})
+
+    assert upstream_json(route)["messages"] == [message]
+    logged = next(line for line in read_logs() if line.get("event") == "llm_call")["messages"]
+    assert logged[0]["content"][0] == {"type": "text", "text": "What is this?"}
+    assert logged[0]["content"][1]["image_url"]["url"] == "data:image/png;base64,<4000 characters>"

@@ -14,6 +14,7 @@ from src.core.errors import ErrorCode, ServiceError
 from src.models.openai_compat import PassthroughRequest
 
 VALIDATION_STATUS = 422
+_INLINE_DATA = "data:"
 _POSITIVE_INTEGERS = ("max_completion_tokens", "max_tokens", "n")
 
 
@@ -81,3 +82,24 @@ def passthrough_body(request: PassthroughRequest, *, model: str) -> dict[str, An
     if request.stream:
         body["stream_options"] = {**(request.body.get("stream_options") or {}), "include_usage": True}
     return body
+
+
+def loggable_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages for LOG_PROMPTS' log line, without touching what goes upstream: an inline image's base64 is
+    replaced by its size (megabytes of it would drown the log and tell a reader nothing)."""
+    return [_loggable(message) for message in messages]
+
+
+def _loggable(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    parts = []
+    for part in content:
+        image = part.get("image_url") if isinstance(part, dict) else None
+        url = image.get("url") if isinstance(image, dict) else None
+        if isinstance(image, dict) and isinstance(url, str) and url.startswith(_INLINE_DATA) and "," in url:
+            header, data = url.split(",", 1)
+            part = {**part, "image_url": {**image, "url": f"{header},<{len(data)} characters>"}}
+        parts.append(part)
+    return {**message, "content": parts}

@@ -33,7 +33,7 @@ from src.core.llm.accounting import CallAccounting
 from src.core.llm.call_context import CallContext
 from src.core.llm.call_record import CallLog, CallRecord
 from src.core.llm.client import OpenAIClient
-from src.core.llm.passthrough import passthrough_body
+from src.core.llm.passthrough import loggable_messages, passthrough_body
 from src.core.llm.relay import ChatStream, ChunkStream, StreamEnd, record_usage
 from src.core.llm.resumable import ResumableStreams, StreamFollower, build_resumable_streams
 from src.core.llm.retry import RetryPolicy
@@ -319,7 +319,7 @@ class LLMService:
             user=request.user,
         )
         if self._log_prompts:
-            record.messages = request.body["messages"]
+            record.messages = loggable_messages(request.body["messages"])
         return record
 
     async def _begin(
