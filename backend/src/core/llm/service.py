@@ -306,7 +306,7 @@ class LLMService:
             user=request.user,
         )
         if self._log_prompts:
-            record.messages = [_loggable(message) for message in request.messages]
+            record.messages = loggable_messages([_wire_message(message) for message in request.messages])
         return record
 
     def _passthrough_record(self, request: PassthroughRequest, context: CallContext) -> CallRecord:
@@ -422,20 +422,6 @@ def _relayed_answer(content: bytes, record: CallRecord) -> RelayedCompletion:
 
 def _allowed_model(model: str) -> ModelObject:
     return ModelObject(id=model, created=0, owned_by=ALLOWED_MODEL_OWNER)
-
-
-def _loggable(message: ChatMessage) -> dict[str, Any]:
-    """A message for LOG_PROMPTS' log line: inline images are replaced by their type and size (megabytes of base64
-    would drown the log, and say nothing a reader could use)."""
-    wire = _wire_message(message)
-    if isinstance(message.content, str):
-        return wire
-    for part in wire["content"]:
-        url = part.get("image_url", {}).get("url", "")
-        if url.startswith("data:"):
-            header, data = url.split(",", 1)
-            part["image_url"]["url"] = f"{header},<{len(data)} characters>"
-    return wire
 
 
 def _text_or_none(value: object) -> str | None:
