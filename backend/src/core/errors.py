@@ -12,6 +12,7 @@ exception classes.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -219,6 +220,7 @@ async def _validation_error_handler(request: Request, exc: Exception) -> Respons
     return _present(request, error)
 
 
+_HTTP_METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"})
 _HTTP_STATUS_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 401: ErrorCode.UNAUTHORIZED}
 
 
@@ -228,8 +230,23 @@ async def _http_exception_handler(request: Request, exc: Exception) -> Response:
     if code is None:
         # Framework errors we do not expect (for example a malformed body FastAPI could not read).
         code = ErrorCode.VALIDATION_ERROR if exc.status_code == 400 else ErrorCode.INTERNAL_ERROR
-    error = ServiceError(code, str(exc.detail), status_code=exc.status_code, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+    error = ServiceError(code, str(exc.detail), status_code=exc.status_code, headers=headers)
     return _present(request, error)
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """Every method the path answers, across all its routes (the router's 405 names only the first route's), as the
+    app's own OpenAPI document lists them; None for a path it does not describe."""
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = "".join(
+            "[^/]+" if part.startswith("{") else re.escape(part) for part in re.split(r"(\{[^}]+\})", template)
+        )
+        if re.fullmatch(pattern, request.url.path):
+            return ", ".join(sorted(method.upper() for method in operations if method.upper() in _HTTP_METHODS))
+    return None
 
 
 def register_error_handlers(app: FastAPI) -> None:

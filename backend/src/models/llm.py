@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -40,9 +39,13 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# An image is a public https URL or inline data in one of the formats OpenAI's vision models read.
-_IMAGE_URL = re.compile(r"https://[^\s]+|data:image/(?:png|jpeg|webp|gif);base64,[A-Za-z0-9+/]+={0,2}")
-IMAGE_URL_RULE = "an https:// URL or a data:image/png|jpeg|webp|gif;base64,... URL"
+# An image is a public https URL or inline base64 data in one of the formats OpenAI's vision models read. A pattern
+# (not a validator) so that the OpenAPI document states the rule too; ASCII whitespace only, as `\s` differs between
+# Python's regular expressions and JSON Schema's.
+IMAGE_URL_PATTERN = (
+    r"^(?:https://[^ \t\n\r\f\v]+|data:image/(?:png|jpeg|webp|gif);base64,"
+    r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4}))$"
+)
 
 
 class TextPart(_Request):
@@ -51,15 +54,12 @@ class TextPart(_Request):
 
 
 class ImageURL(_Request):
-    url: StrictStr = Field(description=f"Either {IMAGE_URL_RULE}.")
+    url: StrictStr = Field(
+        pattern=IMAGE_URL_PATTERN,
+        description="An https:// URL, or a data:image/png|jpeg|webp|gif;base64,... URL (it counts against "
+        "MAX_REQUEST_BYTES).",
+    )
     detail: Literal["auto", "low", "high"] | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _image_url(cls, value: str) -> str:
-        if not _IMAGE_URL.fullmatch(value) or (value.startswith("data:") and len(value.split(",", 1)[1]) % 4):
-            raise ValueError(f"must be {IMAGE_URL_RULE}")
-        return value
 
 
 class ImagePart(_Request):
@@ -71,6 +71,15 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(_Request):
+    # Content parts only in user messages (the validator below), said in the schema too.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "if": {"properties": {"role": {"not": {"const": "user"}}}},
+            "then": {"properties": {"content": {"type": "string"}}},
+        },
+    )
+
     role: Role
     content: Annotated[str, Field(min_length=1)] | Annotated[list[ContentPart], Field(min_length=1)] = Field(
         description="Text, or for a `user` message a list of text and image parts, forwarded in order."
@@ -95,7 +104,7 @@ class JsonSchemaSpec(_Request):
     name: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: StrictStr | None = None
     # Named `schema` on the wire; the attribute is renamed so it does not shadow BaseModel's.
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    json_schema: dict[str, Any] = Field(alias="schema", description="The JSON Schema the answer must follow.")
     strict: StrictBool | None = None
 
 
@@ -108,6 +117,15 @@ ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Fie
 
 
 class LLMRequest(_Request):
+    # `resumable` needs `stream` (the validator below), said in the schema too so that clients can know it.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "if": {"properties": {"resumable": {"const": True}}, "required": ["resumable"]},
+            "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+        },
+    )
+
     messages: list[ChatMessage] = Field(min_length=1, description="Conversation history, forwarded in order.")
     model: str | None = Field(default=None, min_length=1, max_length=256, description="Default: LLM_DEFAULT_MODEL.")
     stream: StrictBool = False

@@ -55,6 +55,7 @@ async def test_response_format_is_forwarded_as_openai_defines_it(
         {"type": "json_schema"},
         {"type": "json_schema", "json_schema": {"name": "has space", "schema": {}}},
         {"type": "json_schema", "json_schema": {"name": "n", "schema": "not an object"}},
+        {"type": "json_schema", "json_schema": {"name": "no_schema"}},
         {"type": "text", "extra": 1},
     ],
 )
@@ -111,7 +112,7 @@ async def test_image_parts_are_forwarded_in_order(client: httpx.AsyncClient, ups
 @pytest.mark.parametrize(
     ("part", "field"),
     [
-        ({"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}, "messages.0.content.list"),
+        ({"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}, "image_url.url"),
         ({"type": "image_url", "image_url": {"url": "data:image/bmp;base64,AAAA"}}, "image_url.url"),
         ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}}, "image_url.url"),
         ({"type": "image_url", "image_url": {"url": PNG, "detail": "max"}}, "image_url.detail"),
@@ -225,3 +226,10 @@ async def test_a_resumable_stream_running_when_the_grace_ends_ends_with_the_shut
     call_line = next(line for line in read_logs() if line.get("event") == "llm_call")
     assert call_line["code"] == "server_shutting_down"
     assert call_line["resumes"] == 0
+
+
+async def test_a_405_names_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    response = await client.put(CHAT + "/streams/" + "0" * 32)
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "DELETE, GET"

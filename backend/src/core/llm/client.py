@@ -126,6 +126,9 @@ class OpenAIClient:
 
     def __init__(self, sdk: AsyncOpenAI) -> None:
         self._sdk = sdk
+        # Absolute, made once: the SDK then parses it as is, instead of merging a path into its base URL on every
+        # call (a tenth of a chat call's own time in the SDK).
+        self._chat_completions_url = str(sdk.base_url).rstrip("/") + CHAT_COMPLETIONS_PATH
 
     @classmethod
     def from_settings(cls, settings: Settings, *, http_client: httpx.AsyncClient | None = None) -> OpenAIClient | None:
@@ -151,12 +154,12 @@ class OpenAIClient:
 
     async def create_chat_completion(self, body: Mapping[str, Any]) -> httpx.Response:
         """POST the body to chat completions: the whole 2xx answer, or the SDK's error classes."""
-        return await self._sdk.post(CHAT_COMPLETIONS_PATH, cast_to=httpx.Response, body=body)
+        return await self._sdk.post(self._chat_completions_url, cast_to=httpx.Response, body=body)
 
     async def open_chat_completion_stream(self, body: Mapping[str, Any]) -> httpx.Response:
         """POST a streaming request: a 2xx response whose body is not read yet (the caller must close it)."""
         streaming = True
-        response = await self._sdk.post(CHAT_COMPLETIONS_PATH, cast_to=httpx.Response, body=body, stream=streaming)
+        response = await self._sdk.post(self._chat_completions_url, cast_to=httpx.Response, body=body, stream=streaming)
         assert isinstance(response, httpx.Response)
         return response
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
+from pydantic import WithJsonSchema
 
 from src.api.abandonment import unless_abandoned
 from src.api.deps import LLMServiceDep, request_id_of, service_key_of, stream_timings_of
@@ -36,6 +37,8 @@ _STREAM_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: error_doc("resume_unavailable: the store of resumable streams (Redis) failed"),
 }
 StreamIdPath = Annotated[str, Path(description="The `X-Stream-ID` of a resumable stream.")]
+# Optional, but never null on the wire: absent means "from the start".
+_EVENT_ID_SCHEMA = WithJsonSchema({"type": "integer", "minimum": 0})
 
 
 CHAT_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -112,7 +115,8 @@ async def chat(
         },
         **_STREAM_ERROR_RESPONSES,
     },
-    response_class=EventStreamResponse,
+    # Not EventStreamResponse: FastAPI would then document the errors as event streams too.
+    response_class=Response,
     # The return annotation is a subscripted generic, which FastAPI would try to read as a response model.
     response_model=None,
     status_code=200,
@@ -123,10 +127,14 @@ async def resume_stream(
     service: LLMServiceDep,
     request: Request,
     last_event_id_header: Annotated[
-        int | None, Header(alias="Last-Event-ID", ge=0, description="The id of the last event received.")
+        int | None,
+        Header(alias="Last-Event-ID", ge=0, description="The id of the last event received."),
+        _EVENT_ID_SCHEMA,
     ] = None,
     last_event_id: Annotated[
-        int | None, Query(ge=0, description="For clients that cannot set headers; the header wins.")
+        int | None,
+        Query(ge=0, description="For clients that cannot set headers; the header wins."),
+        _EVENT_ID_SCHEMA,
     ] = None,
 ) -> EventStreamResponse[SourceEvent]:
     context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route="chat")
