@@ -13,6 +13,9 @@ PORT ?= 8000
 # Where `make demo` keeps its usage ledger (SQLite).
 DEMO_LEDGER ?= $(CURDIR)/data/llm-service.db
 BENCH_ARGS ?=
+# The official openai Node SDK the end-to-end tests drive, pinned by its package-lock.json.
+NODE_SDK_DIR := backend/tests/support/node_sdk
+NODE_STAMP := $(NODE_SDK_DIR)/node_modules/.installed-from-lock
 # Extra arguments for pytest (`make test PYTEST_ARGS='-k stream'`) and for both uv runs (`make lock LOCK_ARGS=--upgrade`).
 PYTEST_ARGS ?=
 LOCK_ARGS ?=
@@ -27,7 +30,7 @@ CHECK_PYTHON := $(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required, fo
 	if sys.version_info < (3, 11) else None'
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-prod system-deps demo run test lint fmt openapi lock bench bench-compare soak clean
+.PHONY: help install install-prod system-deps node-deps demo run test lint fmt openapi lock bench bench-compare soak clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -45,8 +48,16 @@ install-prod: ## Production: runtime dependencies only, hash-checked from requir
 	$(PYTHON) -m venv $(PROD_VENV)
 	$(PROD_VENV)/bin/python -m pip install $(PIP_LOCKED) $(LOCK)
 
-system-deps: ## Install the Debian packages the tests and bench use (nginx, tinyproxy, wrk, chromium) when missing (root only)
+system-deps: ## Install the Debian packages the tests and bench use (nginx, tinyproxy, wrk, nodejs, npm, chromium) when missing (root only)
 	@$(PYTHON) scripts/system_deps.py
+
+node-deps: ## Install the Node SDK the end-to-end tests drive (npm ci from its lock); without npm, say so (those tests skip)
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) -s --no-print-directory $(NODE_STAMP); \
+	else echo "npm not found: the Node SDK tests will skip (under CI they fail); install Node.js 20+"; fi
+
+$(NODE_STAMP): $(NODE_SDK_DIR)/package-lock.json
+	cd $(NODE_SDK_DIR) && npm ci --no-audit --no-fund --ignore-scripts
+	touch $(NODE_STAMP)
 
 demo: install ## Run the service on the bundled OFFLINE demo upstream (no OpenAI key needed); HOST/PORT honoured
 	@cd backend && ../$(BIN)/python -m src.devtools.demo --host $(HOST) --port $(PORT) --ledger $(DEMO_LEDGER)
@@ -54,7 +65,7 @@ demo: install ## Run the service on the bundled OFFLINE demo upstream (no OpenAI
 run: install ## Run the service against the real upstream configured in .env (OPENAI_API_KEY, ...)
 	@$(BIN)/python -m uvicorn src.main:app --app-dir backend --host $(HOST) --port $(PORT) --no-access-log --ws none
 
-test: install system-deps ## Run the whole test suite (unit, integration, end-to-end) with coverage of backend/src (floor 90%)
+test: install system-deps node-deps ## Run the whole test suite (unit, integration, end-to-end) with coverage of backend/src (floor 90%)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install ## ruff (lint and format check) and mypy --strict

@@ -28,6 +28,8 @@ __all__ = ["DEMO_API_KEY", "FILLER_WORDS"]
 RESULTS_DIR = ROOT / "bench" / "results"
 CHAT_PATH = "/api/v1/llm/chat"
 UPSTREAM_CHAT_PATH = "/v1/chat/completions"
+# The service's OpenAI-compatible route: the same path as the upstream's, as OpenAI's SDKs call it.
+OPENAI_CHAT_PATH = "/v1/chat/completions"
 PROMPT = [{"role": "user", "content": "Benchmark me"}]
 # The service runs like a production deployment, no feature off: a named key from a keys file with limits (high
 # enough never to refuse: every call reserves and settles), admin keys, the ledger (SQLite), metrics.
@@ -41,6 +43,11 @@ def words_model(words: int) -> str:
 
 
 def service_body(*, stream: bool, words: int) -> dict[str, Any]:
+    return {"messages": PROMPT, "model": words_model(words), "stream": stream}
+
+
+def openai_body(*, stream: bool, words: int) -> dict[str, Any]:
+    """What an OpenAI SDK sends for the same call (no usage asked: the service asks upstream for it anyway)."""
     return {"messages": PROMPT, "model": words_model(words), "stream": stream}
 
 
@@ -156,6 +163,18 @@ def upstream_target(upstream: ServerProcess) -> Target:
 def service_target(name: str, service: ServerProcess) -> Target:
     return Target(
         name, service.url, CHAT_PATH, {"Authorization": f"Bearer {SERVICE_KEY}"}, service.process.pid, service_body
+    )
+
+
+def openai_target(name: str, service: ServerProcess) -> Target:
+    """The same service through its OpenAI-compatible route."""
+    return Target(
+        name,
+        service.url,
+        OPENAI_CHAT_PATH,
+        {"Authorization": f"Bearer {SERVICE_KEY}"},
+        service.process.pid,
+        openai_body,
     )
 
 

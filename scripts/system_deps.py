@@ -1,4 +1,4 @@
-"""Install the Debian packages tests and bench need (nginx, tinyproxy, wrk, chromium) if missing: `make system-deps`.
+"""Install the Debian packages the tests and the bench run (nginx, tinyproxy, wrk, nodejs, npm, chromium) if missing.
 
 As root, with apt-get, and without leaving the packages' daemons running or enabled: the test fixtures start nginx
 and tinyproxy themselves on free ports, so a system nginx on :80 or tinyproxy on :8888 would only get in the way.
@@ -20,6 +20,8 @@ PACKAGES = {
     "nginx": "/usr/sbin/nginx",
     "tinyproxy": "/usr/bin/tinyproxy",
     "wrk": "wrk",
+    "nodejs": "node",
+    "npm": "npm",
     # The playground's browser tests drive it with Playwright (never Playwright's own browser downloads).
     "chromium": "/usr/bin/chromium",
 }

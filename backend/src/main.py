@@ -24,7 +24,7 @@ from src.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestCo
 from src.api.openapi import install_openapi
 from src.api.sse import StreamTimings
 from src.api.v1.endpoints.llm import STREAM_ID_HEADER
-from src.api.v1.router import chat_router, operator_router
+from src.api.v1.router import chat_router, openai_router, operator_router
 from src.core.config import Settings, get_settings
 from src.core.errors import register_error_handlers
 from src.core.keys import Access, KeysFileError, load_access
@@ -123,7 +123,9 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
     register_error_handlers(app)
     app.include_router(health.router)
     # Auth dependencies only where keys exist, so the OpenAPI document says exactly when a bearer is needed.
-    app.include_router(chat_router, dependencies=[Depends(require_chat_key)] if access.chat else None)
+    chat_auth = [Depends(require_chat_key)] if access.chat else None
+    app.include_router(chat_router, dependencies=chat_auth)
+    app.include_router(openai_router, dependencies=chat_auth)
     operator_auth = None if access.open else [Depends(require_admin_key)]
     app.include_router(operator_router, dependencies=operator_auth)
     app.include_router(metrics.router, dependencies=operator_auth)

@@ -15,7 +15,7 @@ from typing import Protocol
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from src.core.errors import ErrorCode, ServiceError, error_body
+from src.core.errors import ErrorCode, ServiceError, error_body, is_openai_path, openai_error_body
 
 REQUEST_ID_HEADER = b"x-request-id"
 UNMATCHED_ROUTE = "unmatched"
@@ -70,7 +70,7 @@ class RequestContextMiddleware:
             self._log.exception("unhandled_error", method=scope["method"], path=scope["path"])
             if not response_started:
                 internal = ServiceError(ErrorCode.INTERNAL_ERROR, "The service failed unexpectedly.", status_code=500)
-                await send_error(send_with_request_id, internal, request_id)
+                await send_error(send_with_request_id, internal, request_id, path=scope["path"])
         finally:
             seconds = time.perf_counter() - started
             self._log.info(
@@ -114,7 +114,7 @@ class BodyLimitMiddleware:
                 f"The request body exceeds {self.max_request_bytes} bytes.",
                 status_code=413,
             )
-            await send_error(send, too_large, scope.get("state", {}).get("request_id"))
+            await send_error(send, too_large, scope.get("state", {}).get("request_id"), path=scope["path"])
             return
         await self.app(scope, body_receive, send)
 
@@ -175,12 +175,16 @@ class BodyLimitMiddleware:
         return replay_body
 
 
-async def send_error(send: Send, error: ServiceError, request_id: str | None) -> None:
-    """Write the error envelope as a complete response (for errors raised outside the framework's handlers)."""
-    body = error_body(error.code, error.message, request_id)
+async def send_error(send: Send, error: ServiceError, request_id: str | None, *, path: str) -> None:
+    """Write the error envelope as a complete response (for errors raised outside the framework's handlers), in the
+    route's presentation (OpenAI's under `/v1/`, see core/errors.py)."""
+    if is_openai_path(path):
+        status, body = openai_error_body(error)
+    else:
+        status, body = error.status_code, error_body(error.code, error.message, request_id)
     headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-    if error.status_code == 413:
+    if status == 413:
         # The rest of an oversized upload is not read: the connection cannot be reused.
         headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

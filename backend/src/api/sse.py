@@ -11,6 +11,9 @@ sse-starlette, because a chat stream needs all of this and none of them does all
   LLM_STREAM_SEND_TIMEOUT_SECONDS ends it;
 - at the end of the shutdown grace, a final `server_shutting_down` error event;
 - and `ChatStream.aclose()` on every path, which closes the upstream and logs the call once.
+
+It streams any source of the core (`ChatStream`'s named events, a resumable stream's follower, `ChunkStream`'s
+OpenAI chunks), each with its encoder.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import structlog
 from starlette.responses import Response
@@ -27,7 +30,7 @@ from starlette.types import Message, Receive, Scope, Send
 from src.core.llm.relay import StreamEnd
 from src.core.shutdown import Drain
 from src.core.stream_buffers import BufferedEvent
-from src.models.llm import EVENT_NAMES, StreamError, StreamEvent
+from src.models.llm import EVENT_NAMES, StreamEvent
 
 SSE_HEADERS = {
     # Without these, proxies (nginx) and some clients buffer the stream and `curl -N` shows nothing until the end.
@@ -45,6 +48,8 @@ log = structlog.get_logger("sse")
 
 # What a stream's source yields: typed events, or events replayed from a resumable stream's buffer.
 SourceEvent = StreamEvent | BufferedEvent
+E = TypeVar("E")
+E_co = TypeVar("E_co", covariant=True)
 
 
 def encode_event(event: SourceEvent, event_id: int | None) -> bytes:
@@ -58,9 +63,9 @@ def encode_event(event: SourceEvent, event_id: int | None) -> bytes:
     return head + b"event: " + name + b"\ndata: " + data + b"\n\n"
 
 
-class EventSource(Protocol):
-    """What the response streams: a `ChatStream` (numbered from 1), or a follower of a resumable stream (numbered
-    from the event after the one it resumes from)."""
+class EventSource(Protocol[E_co]):
+    """What the response streams: a `ChatStream` (numbered from 1), a follower of a resumable stream (numbered
+    from the event after the one it resumes from), or a `ChunkStream` (OpenAI's format, whose encoder uses no ids)."""
 
     @property
     def request_id(self) -> str: ...
@@ -71,9 +76,9 @@ class EventSource(Protocol):
     @property
     def first_event_id(self) -> int: ...
 
-    def __aiter__(self) -> AsyncIterator[SourceEvent]: ...
+    def __aiter__(self) -> AsyncIterator[E_co]: ...
 
-    def shutdown_event(self) -> StreamError: ...
+    def shutdown_event(self) -> E_co: ...
 
     async def aclose(self, *, end: StreamEnd = ...) -> None: ...
 
@@ -109,18 +114,18 @@ class _Writer:
         await self.write({"type": "http.response.body", "body": data, "more_body": True})
 
 
-class EventStreamResponse(Response):
+class EventStreamResponse(Response, Generic[E]):
     """`text/event-stream` over an already opened stream (see the module docstring for what it guarantees)."""
 
     media_type = "text/event-stream"
 
     def __init__(
         self,
-        stream: EventSource,
+        stream: EventSource[E],
         *,
         timings: StreamTimings,
         drain: Drain,
-        encode: Callable[[SourceEvent, int | None], bytes] = encode_event,
+        encode: Callable[[E, int | None], bytes],
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(content=None, headers={**SSE_HEADERS, **(headers or {})}, media_type=self.media_type)

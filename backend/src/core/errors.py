@@ -3,7 +3,10 @@
     ServiceError                  anything we answer with the error envelope
     └── LLMServiceError           caused by the LLM upstream (or its absence), mapped in core.llm.upstream_errors
 
-Every error response has the body `{"error": {"code", "message", "request_id"[, "details"]}}`.
+Every error response has the body `{"error": {"code", "message", "request_id"[, "details"]}}`, except under the
+OpenAI-compatible API (`/v1/...`), where the same errors are presented in OpenAI's envelope
+`{"error": {"message", "type", "param", "code"}}` by one table (`openai_error`), so OpenAI's SDKs raise their own
+exception classes.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -52,6 +56,17 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamErrorFields:
+    """OpenAI's own status, `type`, `param` and `code` of an upstream rejection that is the caller's business (a 400,
+    a 404 about a model): the OpenAI-compatible API passes them on. Never its message (that one is redacted)."""
+
+    status: int
+    type: str | None
+    param: str | None
+    code: str | None
+
+
 class ServiceError(Exception):
     """An error the caller sees as `status_code` with the envelope carrying `code` and `message`."""
 
@@ -63,6 +78,7 @@ class ServiceError(Exception):
         status_code: int,
         headers: Mapping[str, str] | None = None,
         details: Sequence[Mapping[str, Any]] | None = None,
+        upstream: UpstreamErrorFields | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -70,6 +86,7 @@ class ServiceError(Exception):
         self.status_code = status_code
         self.headers = dict(headers or {})
         self.details = details
+        self.upstream = upstream
 
 
 class LLMServiceError(ServiceError):
@@ -98,9 +115,88 @@ def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+# --- the OpenAI presentation ---------------------------------------------------------------------------------------
+
+OPENAI_PATH_PREFIX = "/v1/"
+INVALID_REQUEST_TYPE = "invalid_request_error"
+SERVER_ERROR_TYPE = "server_error"
+
+
+@dataclass(frozen=True, slots=True)
+class _OpenAIForm:
+    """How one of our codes looks in OpenAI's envelope: its `type`, its `code`, and its status when OpenAI's SDKs
+    need another one than ours to raise the right class (None: our status)."""
+
+    type: str
+    code: str | None
+    status: int | None = None
+
+
+# Codes not listed keep their own code, with `server_error` for 5xx and `invalid_request_error` otherwise.
+_OPENAI_FORMS: dict[str, _OpenAIForm] = {
+    ErrorCode.VALIDATION_ERROR: _OpenAIForm(INVALID_REQUEST_TYPE, None, status=400),
+    ErrorCode.UNAUTHORIZED: _OpenAIForm(INVALID_REQUEST_TYPE, "invalid_api_key"),
+    ErrorCode.NOT_FOUND: _OpenAIForm(INVALID_REQUEST_TYPE, "unknown_url"),
+    # OpenAI answers a model the key may not use like one that does not exist: 404 `model_not_found`.
+    ErrorCode.MODEL_NOT_ALLOWED: _OpenAIForm(INVALID_REQUEST_TYPE, "model_not_found", status=404),
+    ErrorCode.MODEL_NOT_FOUND: _OpenAIForm(INVALID_REQUEST_TYPE, "model_not_found", status=404),
+    ErrorCode.INVALID_REQUEST: _OpenAIForm(INVALID_REQUEST_TYPE, None),
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: _OpenAIForm(INVALID_REQUEST_TYPE, "context_length_exceeded"),
+    # OpenAI's own 429 bodies: `type` "requests" (or "tokens") with `rate_limit_exceeded`, and `insufficient_quota`.
+    ErrorCode.KEY_RATE_LIMITED: _OpenAIForm("requests", "rate_limit_exceeded"),
+    ErrorCode.RATE_LIMITED: _OpenAIForm("requests", "rate_limit_exceeded"),
+    ErrorCode.KEY_BUDGET_EXCEEDED: _OpenAIForm("insufficient_quota", "insufficient_quota"),
+}
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PATH_PREFIX)
+
+
+def openai_error_detail(code: str, message: str, *, status: int, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's `error` object for one of our codes (also the last line of a stream that failed)."""
+    form = _OPENAI_FORMS.get(code)
+    if form is None:
+        form = _OpenAIForm(SERVER_ERROR_TYPE if status >= 500 else INVALID_REQUEST_TYPE, code)
+    return {"message": message, "type": form.type, "param": param, "code": form.code}
+
+
+def openai_error(error: ServiceError) -> tuple[int, dict[str, Any]]:
+    """The status and the `error` object an OpenAI-compatible caller gets for `error`: the one table above, with an
+    upstream rejection's own status, type, param and code where it sent them."""
+    form = _OPENAI_FORMS.get(error.code)
+    status = form.status if form is not None and form.status is not None else error.status_code
+    param = str(error.details[0].get("field")) if error.details else None
+    detail = openai_error_detail(error.code, error.message, status=status, param=param)
+    upstream = error.upstream
+    if upstream is not None:
+        status = upstream.status
+        detail["type"] = upstream.type or detail["type"]
+        detail["param"] = upstream.param
+        detail["code"] = upstream.code or detail["code"]
+    return status, detail
+
+
+def openai_error_body(error: ServiceError) -> tuple[int, bytes]:
+    status, detail = openai_error(error)
+    return status, json.dumps({"error": detail}, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def present_error(error: ServiceError, *, path: str, request_id: str | None) -> Response:
+    """The error as the route's API presents it: OpenAI's envelope under `/v1/`, ours everywhere else."""
+    if not is_openai_path(path):
+        return error_response(error, request_id)
+    status, body = openai_error_body(error)
+    return Response(content=body, status_code=status, headers=error.headers, media_type="application/json")
+
+
+def _present(request: Request, error: ServiceError) -> Response:
+    return present_error(error, path=request.scope["path"], request_id=request_id_of(request))
+
+
 async def _service_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return error_response(exc, request_id_of(request))
+    return _present(request, exc)
 
 
 async def _validation_error_handler(request: Request, exc: Exception) -> Response:
@@ -121,7 +217,7 @@ async def _validation_error_handler(request: Request, exc: Exception) -> Respons
         status_code=422,
         details=details,
     )
-    return error_response(error, request_id_of(request))
+    return _present(request, error)
 
 
 _HTTP_METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"})
@@ -138,7 +234,7 @@ async def _http_exception_handler(request: Request, exc: Exception) -> Response:
     if exc.status_code == 405:
         headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
     error = ServiceError(code, str(exc.detail), status_code=exc.status_code, headers=headers)
-    return error_response(error, request_id_of(request))
+    return _present(request, error)
 
 
 def _allowed_methods(request: Request) -> str | None:

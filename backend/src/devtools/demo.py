@@ -32,6 +32,13 @@ BANNER = """
    curl -s '{url}/api/v1/llm/usage?group_by=model'
  Metrics:
    curl -s {url}/metrics | grep '^llm_'
+ OpenAI's API, for any OpenAI SDK or tool (base URL {url}/v1, any API key):
+   curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+     -d '{{"model":"gpt-5-mini","messages":[{{"role":"user","content":"Hello there"}}]}}'
+   OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=demo .venv/bin/python -c \\
+     "import openai; print(openai.OpenAI().models.list().data[0].id)"
+ Tools: offer "tools" and the model calls the first ("mock-tools-parallel": all of them);
+   answer with a "tool" message and it answers from the tool's result.
  Faults to try: "model": "mock-429", "mock-500", "mock-hang", "mock-stream-break", ...
  Press Ctrl-C to stop.
 ================================================================================

@@ -17,15 +17,25 @@ def test_bench_runs_and_writes_results(tmp_path: Path, capsys: pytest.CaptureFix
     latest = tmp_path / "latest.json"
     assert run.main(["--seconds", "1", "--ttft-requests", "3", "--workers", "1", "--output", str(latest)]) == 0
     report = json.loads(latest.read_text())
-    assert [row["target"] for row in report["results"]] == ["direct to upstream", "through the service"]
+    assert [row["target"] for row in report["results"]] == [
+        "direct to upstream",
+        "through the service",
+        "through the service, /v1/chat/completions",
+    ]
     for row in report["results"]:
         for key in ("batch_c1", "batch_c32", "stream_c1", "stream_c32"):
             assert row[key]["requests"] > 0
             assert row[key]["errors"] == 0
         assert row["ttft_ms"] > 0
-    assert {check["check"] for check in report["checks"]} >= {"batch rps, c32", "idle RSS MiB (1 worker)"}
+    assert {check["check"] for check in report["checks"]} >= {
+        "batch rps, c32",
+        "idle RSS MiB (1 worker)",
+        "/v1/chat/completions: batch rps, c32",
+        "/v1/chat/completions: added time to first token ms",
+    }
     table = capsys.readouterr().out
     assert "| through the service | stream |" in table
+    assert "| through the service, /v1/chat/completions | stream |" in table
 
     shutil.copy(latest, tmp_path / "previous.json")
     assert compare.main(["--previous", str(tmp_path / "previous.json"), "--latest", str(latest)]) == 0

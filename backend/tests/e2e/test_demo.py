@@ -48,16 +48,20 @@ def test_demo_serves_batch_and_stream_then_stops_on_ctrl_c(tmp_path: Path) -> No
         assert batch.status_code == 200
         assert "Hello there" in batch.json()["message"]["content"]
         assert "event: done" in stream.text
-        # The banner's usage line: both calls are in the ledger (written within 2 s of their end).
+        # The banner's OpenAI-compatible curl line works too.
+        assert f"curl -s {url}/v1/chat/completions" in output
+        openai_style = httpx.post(f"{url}/v1/chat/completions", json={**curl_body, "model": "gpt-5-mini"}, timeout=10)
+        assert openai_style.json()["object"] == "chat.completion"
+        # The banner's usage line: the three calls are in the ledger (written within 2 s of their end).
         assert f"curl -s '{url}/api/v1/llm/usage?group_by=model'" in output
         deadline = time.monotonic() + 5
         while True:
             rows = httpx.get(f"{url}/api/v1/llm/usage", params={"group_by": "model"}, timeout=5).json()["rows"]
-            if sum(row["calls"] for row in rows) >= 2 or time.monotonic() > deadline:
+            if sum(row["calls"] for row in rows) >= 3 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         assert rows == [
-            {"model": "gpt-5-mini", "calls": 2, "errors": 0, "cancelled": 0, **_tokens(rows[0])},
+            {"model": "gpt-5-mini", "calls": 3, "errors": 0, "cancelled": 0, **_tokens(rows[0])},
         ]
         assert rows[0]["total_tokens"] > 0
     finally:

@@ -80,7 +80,7 @@ def test_curl_style_stream_shows_first_token_before_the_end(stack: Stack) -> Non
     ) as response:
         chunks = response.iter_text()
         first = next(chunks)
-        assert first.startswith("event: delta")
+        assert first.startswith("id: 1\nevent: delta")
         rest = "".join(chunks)
     assert "event: done" not in first
     assert "event: done" in rest

@@ -251,7 +251,7 @@ async def test_keepalive_comments_fill_silences_and_stop_when_events_flow() -> N
         events,  # type: ignore[arg-type]
         timings=StreamTimings(keepalive_seconds=0.05, send_timeout_seconds=5),
         drain=Drain(grace_seconds=5),
-        encode=lambda event, event_id: event,  # type: ignore[arg-type, return-value]
+        encode=lambda event, event_id: event,
     )
     serving = asyncio.create_task(response({"type": "http"}, receive, send))
     await asyncio.wait_for(two_comments.wait(), timeout=5)
@@ -278,7 +278,7 @@ async def test_a_reader_that_stops_reading_ends_the_stream_as_cancelled() -> Non
         events,  # type: ignore[arg-type]
         timings=StreamTimings(keepalive_seconds=30, send_timeout_seconds=0.1),
         drain=Drain(grace_seconds=5),
-        encode=lambda event, event_id: event,  # type: ignore[arg-type, return-value]
+        encode=lambda event, event_id: event,
     )
     await asyncio.wait_for(response({"type": "http"}, receive, send), timeout=5)
     assert events.ends == ["client_gone"]

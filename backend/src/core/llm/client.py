@@ -164,9 +164,15 @@ class OpenAIClient:
         return response
 
     async def list_models(self, *, timeout_seconds: float) -> httpx.Response:
-        """GET the models list once, quickly, without retries (the startup check)."""
+        """GET the models list once, without retries (the startup check, the OpenAI-compatible `/v1/models`)."""
         return await self._sdk.get(
             MODELS_PATH, cast_to=httpx.Response, options={"timeout": timeout_seconds, "max_retries": 0}
+        )
+
+    async def retrieve_model(self, model: str, *, timeout_seconds: float) -> httpx.Response:
+        """GET one model, without retries (as `list_models`)."""
+        return await self._sdk.get(
+            f"{MODELS_PATH}/{model}", cast_to=httpx.Response, options={"timeout": timeout_seconds, "max_retries": 0}
         )
 
     async def aclose(self) -> None:

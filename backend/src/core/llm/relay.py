@@ -1,4 +1,6 @@
-"""The stream relay: an opened upstream stream of `chat.completion.chunk`s, relayed as our typed stream events.
+"""The stream relays: an opened upstream stream of `chat.completion.chunk`s, relayed as our typed stream events
+(`ChatStream`, for /api/v1/llm/chat) or chunk by chunk in OpenAI's own format (`ChunkStream`, for the
+OpenAI-compatible /v1/chat/completions).
 
 Upstream bytes are decoded by httpx-sse; each chunk becomes `StreamDelta`s; the end is exactly one `StreamDone` or
 `StreamError`. The relay never raises into its reader: a failure after the stream began is an event, because the
@@ -23,6 +25,7 @@ from src.core.llm.accounting import CallAccounting
 from src.core.llm.call_record import CallLog, CallRecord
 from src.core.llm.upstream_errors import malformed, redact_secrets, translate_upstream_errors
 from src.models.llm import StreamDelta, StreamDone, StreamError, StreamEvent, StreamRefusal, Usage
+from src.models.openai_compat import RelayedChunk, RelayedDone
 
 DONE_SENTINEL = "[DONE]"
 SHUTDOWN_MESSAGE = "The service is shutting down; the answer was cut short. Retry on another instance."
@@ -184,28 +187,181 @@ class ChatStream:
             return
         self._closed = True
         record = self._record
-        if end is StreamEnd.CLIENT_GONE or end is StreamEnd.STOPPED:
-            record.cancelled = True
-        elif end is StreamEnd.SHUTDOWN:
-            record.code = ErrorCode.SERVER_SHUTTING_DOWN
-        elif end is StreamEnd.BUFFER_FULL:
-            record.code = ErrorCode.RESUME_BUFFER_FULL
+        _mark_end(record, end)
         if self._answer is not None:
             record.answer = "".join(self._answer)
         await asyncio.shield(self._close())
 
     async def _close(self) -> None:
+        await _close_call(self._events, self._response, self._release_slot, self._accounting, self._record)
+
+
+# What a `ChunkStream` yields, in order: the upstream's chunks, then exactly one `RelayedDone` or `StreamError`.
+ChunkEvent = RelayedChunk | RelayedDone | StreamError
+
+
+class ChunkStream:
+    """An opened upstream stream relayed chunk by chunk, untouched (tool-call deltas, logprobs, `n` choices, fields
+    OpenAI adds tomorrow), for the OpenAI-compatible API. The same accounting as `ChatStream`: the upstream's usage
+    chunk (always asked for), else what was delivered; that chunk is passed on only when the caller asked for it.
+    `aclose()` must always be called (it closes the upstream and logs the call, once)."""
+
+    # Read by its own connection only; OpenAI's stream has no event ids (its encoder writes none).
+    resumable = False
+    first_event_id = 1
+
+    def __init__(
+        self,
+        *,
+        response: httpx.Response,
+        record: CallRecord,
+        call_log: CallLog,
+        accounting: CallAccounting,
+        release_slot: Callable[[], None],
+        include_usage: bool,
+        keep_answer: bool,
+    ) -> None:
+        self._response = response
+        self._record = record
+        self._call_log = call_log
+        self._accounting = accounting
+        self._release_slot = release_slot
+        self._include_usage = include_usage
+        self._answer: list[str] | None = [] if keep_answer else None
+        self._closed = False
+        self._events = self._relay()
+        accounting.stream_started()
+
+    @property
+    def request_id(self) -> str:
+        return self._record.request_id
+
+    def __aiter__(self) -> AsyncIterator[ChunkEvent]:
+        return self._events
+
+    def shutdown_event(self) -> StreamError:
+        return StreamError(
+            code=ErrorCode.SERVER_SHUTTING_DOWN, message=SHUTDOWN_MESSAGE, request_id=self._record.request_id
+        )
+
+    async def _relay(self) -> AsyncGenerator[ChunkEvent, None]:
+        record = self._record
+        usage: object = None
+        completed = False
         try:
-            try:
-                await self._events.aclose()
-            finally:
-                await self._response.aclose()
+            with translate_upstream_errors():
+                async for sse in EventSource(self._response).aiter_sse():
+                    if sse.data == DONE_SENTINEL:
+                        completed = True
+                        break
+                    chunk = _chunk(sse.data)
+                    error = chunk.get("error")
+                    if sse.event == "error" or error:
+                        raise _error_in_stream(error)
+                    record.upstream_model = record.upstream_model or chunk.get("model")
+                    choices = chunk.get("choices") or []
+                    if not isinstance(choices, list):
+                        raise malformed("stream chunk")
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                        if not choices and not self._include_usage:
+                            continue
+                    for choice in choices:
+                        self._account(choice)
+                    # One `data:` line per chunk: a chunk the upstream spread over several lines is re-encoded.
+                    data = sse.data if "\n" not in sse.data else json.dumps(chunk, separators=(",", ":"))
+                    yield RelayedChunk(data)
+            if not completed and record.finish_reason is None:
+                raise LLMServiceError(
+                    ErrorCode.UPSTREAM_ERROR,
+                    "The LLM provider ended the stream before the answer was complete.",
+                    status_code=502,
+                )
+            record_usage(record, usage)
+            yield RelayedDone()
+        except ServiceError as exc:
+            record.code = exc.code
+            yield StreamError(code=exc.code, message=exc.message, request_id=record.request_id)
+        except Exception:
+            self._call_log.unexpected("stream_relay_failed")
+            record.code = ErrorCode.INTERNAL_ERROR
+            yield StreamError(code=ErrorCode.INTERNAL_ERROR, message=INTERNAL_MESSAGE, request_id=record.request_id)
+
+    def _account(self, choice: object) -> None:
+        """What one choice of a chunk delivered (its text, refusal or tool-call pieces), for the time to first token
+        and for the estimate of an abandoned stream's cost; and how it finished."""
+        if not isinstance(choice, dict):
+            raise malformed("stream chunk")
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                self._record.delivered(content)
+                if self._answer is not None:
+                    self._answer.append(content)
+            pieces = _tool_call_text(delta.get("tool_calls"))
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str):
+                pieces += refusal
+            if pieces:
+                self._record.delivered(pieces)
+        finish_reason = choice.get("finish_reason")
+        if finish_reason:
+            self._record.finish_reason = finish_reason
+
+    async def aclose(self, *, end: StreamEnd = StreamEnd.DELIVERED) -> None:
+        """Close the upstream (shielded: a disconnect cancels the caller), free the slot, log the call once."""
+        if self._closed:
+            return
+        self._closed = True
+        _mark_end(self._record, end)
+        if self._answer is not None:
+            self._record.answer = "".join(self._answer)
+        await asyncio.shield(
+            _close_call(self._events, self._response, self._release_slot, self._accounting, self._record)
+        )
+
+
+def _tool_call_text(tool_calls: object) -> str:
+    """The names and argument pieces of streamed tool-call deltas."""
+    if not isinstance(tool_calls, list):
+        return ""
+    text = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            text += [value for value in (function.get("name"), function.get("arguments")) if isinstance(value, str)]
+    return "".join(text)
+
+
+def _mark_end(record: CallRecord, end: StreamEnd) -> None:
+    if end is StreamEnd.CLIENT_GONE or end is StreamEnd.STOPPED:
+        record.cancelled = True
+    elif end is StreamEnd.SHUTDOWN:
+        record.code = ErrorCode.SERVER_SHUTTING_DOWN
+    elif end is StreamEnd.BUFFER_FULL:
+        record.code = ErrorCode.RESUME_BUFFER_FULL
+
+
+async def _close_call(
+    events: AsyncGenerator[Any, None],
+    response: httpx.Response,
+    release_slot: Callable[[], None],
+    accounting: CallAccounting,
+    record: CallRecord,
+) -> None:
+    """The end of every relayed stream: the relay and the upstream closed, the slot back, the call accounted once."""
+    try:
+        try:
+            await events.aclose()
         finally:
-            self._release_slot()
-            self._accounting.stream_ended()
-            settle = self._accounting.finish(self._record)
-            if settle is not None:
-                await settle
+            await response.aclose()
+    finally:
+        release_slot()
+        accounting.stream_ended()
+        settle = accounting.finish(record)
+        if settle is not None:
+            await settle
 
 
 def _chunk(data: str) -> dict[str, Any]:

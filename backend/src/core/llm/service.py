@@ -5,6 +5,11 @@
                                      errors), then a `ChatStream` of typed events that always closes the upstream,
                                      or for a resumable stream a follower of its buffer (core/llm/resumable.py)
     resume_stream / stop_stream      a resumable stream, by its id, for the key that started it
+    relay_chat_completion(request)   the OpenAI-compatible API's batch: the upstream's `chat.completion` as sent
+    relay_chat_completion_stream     ... and its stream: a `ChunkStream` of the upstream's own chunks
+    list_models / retrieve_model     the models a caller may use (its allowlist, else the upstream's list)
+
+Both APIs share everything here: model policy, limits, slots, retries, the error table, logs, ledger, metrics.
 
 The only module, with core/llm/relay.py, that reads OpenAI's wire format.
 """
@@ -14,31 +19,46 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import httpx
 import openai
 
 from src.core.config import Settings
 from src.core.errors import ErrorCode, LLMServiceError, ServiceError
+from src.core.keys import ServiceKey
 from src.core.limits import MemoryLimiter
 from src.core.llm.accounting import CallAccounting
 from src.core.llm.call_context import CallContext
 from src.core.llm.call_record import CallLog, CallRecord
 from src.core.llm.client import OpenAIClient
-from src.core.llm.relay import ChatStream, StreamEnd, record_usage
+from src.core.llm.passthrough import loggable_messages, passthrough_body
+from src.core.llm.relay import ChatStream, ChunkStream, StreamEnd, record_usage
 from src.core.llm.resumable import ResumableStreams, StreamFollower, build_resumable_streams
 from src.core.llm.retry import RetryPolicy
 from src.core.llm.slots import UpstreamSlots
 from src.core.llm.upstream_check import check_upstream
-from src.core.llm.upstream_errors import NOT_CONFIGURED_MESSAGE, malformed, map_upstream_error, rejection_of
+from src.core.llm.upstream_errors import (
+    NOT_CONFIGURED_MESSAGE,
+    malformed,
+    map_upstream_error,
+    rejection_of,
+    translate_upstream_errors,
+)
 from src.core.shutdown import Drain
 from src.models.llm import AssistantMessage, ChatMessage, LLMRequest, LLMResponse, UpstreamState
+from src.models.openai_compat import ModelList, ModelObject, PassthroughRequest, RelayedCompletion
 
 __all__ = ["LLMService", "LLMServiceError"]
 
 _STREAM_OPTIONS = {"include_usage": True}
 SHUTTING_DOWN_MESSAGE = "The service is shutting down; retry on another instance."
+# The models list and one model: small answers, but through the same upstream that may be slow.
+MODELS_TIMEOUT_SECONDS = 30.0
+# An allowlisted model is listed without asking the upstream: the service is who grants it.
+ALLOWED_MODEL_OWNER = "llm-service"
+T = TypeVar("T")
 
 
 def shutting_down() -> LLMServiceError:
@@ -95,14 +115,95 @@ class LLMService:
     async def get_chat_completion(self, request: LLMRequest, *, context: CallContext) -> LLMResponse:
         """One batch answer."""
         record = self._record(request, context, stream=False)
+        body = upstream_body(request, model=record.model)
+        return await self._batch(record, context, body, max_tokens=request.max_tokens, read=self._answer_of)
+
+    async def relay_chat_completion(self, request: PassthroughRequest, *, context: CallContext) -> RelayedCompletion:
+        """The OpenAI-compatible batch: the same call, answered with the upstream's `chat.completion` as it sent it."""
+        record = self._passthrough_record(request, context)
+        body = passthrough_body(request, model=record.model)
+        return await self._batch(record, context, body, max_tokens=_reserved(request), read=_relayed_answer)
+
+    async def relay_chat_completion_stream(self, request: PassthroughRequest, *, context: CallContext) -> ChunkStream:
+        """The OpenAI-compatible stream, opened now like `stream_chat_completion` (failures on open are plain HTTP
+        errors); the usage chunk is always asked for upstream and passed on only when the caller asked."""
+        record = self._passthrough_record(request, context)
+        body = passthrough_body(request, model=record.model)
         try:
-            client, body = await self._begin(request, context, record)
+            client = await self._admit(context, record, messages=body["messages"], max_tokens=_reserved(request))
+            response = await self._send(client, body, record=record, stream=True)
+        except ServiceError as exc:
+            record.code, record.status = exc.code, exc.status_code
+            _carry_limit_headers(exc, context)
+            await self._finish(record)
+            raise
+        except asyncio.CancelledError:
+            record.cancelled = True
+            await self._finish(record)
+            raise
+        return ChunkStream(
+            response=response,
+            record=record,
+            call_log=self._call_log,
+            accounting=self._accounting,
+            release_slot=self._slots.release,
+            include_usage=request.include_usage,
+            keep_answer=self._log_prompts,
+        )
+
+    async def list_models(self, *, caller: ServiceKey) -> ModelList:
+        """The models `caller` may use: its allowlist, else the service's, else whatever the upstream lists."""
+        allowed = self._allowed_for(caller)
+        if allowed:
+            return ModelList(data=[_allowed_model(model) for model in sorted(allowed)])
+        client = self._configured_client()
+        with translate_upstream_errors():
+            response = await client.list_models(timeout_seconds=MODELS_TIMEOUT_SECONDS)
+        try:
+            return ModelList.model_validate_json(response.content)
+        except ValueError as exc:
+            raise malformed("models list") from exc
+
+    async def retrieve_model(self, model: str, *, caller: ServiceKey) -> ModelObject:
+        """One model `caller` may use, or 404 `model_not_found` (also for a model it may not use, as OpenAI says)."""
+        allowed = self._allowed_for(caller)
+        if allowed:
+            if model not in allowed:
+                raise LLMServiceError(
+                    ErrorCode.MODEL_NOT_FOUND,
+                    f"The model {model!r} does not exist or you do not have access to it.",
+                    status_code=404,
+                )
+            return _allowed_model(model)
+        client = self._configured_client()
+        with translate_upstream_errors():
+            response = await client.retrieve_model(model, timeout_seconds=MODELS_TIMEOUT_SECONDS)
+        try:
+            return ModelObject.model_validate_json(response.content)
+        except ValueError as exc:
+            raise malformed("model") from exc
+
+    def _answer_of(self, content: bytes, record: CallRecord) -> LLMResponse:
+        answer = _batch_answer(content, record)
+        if self._log_prompts:
+            record.answer = answer.message.content
+        return answer
+
+    async def _batch(
+        self,
+        record: CallRecord,
+        context: CallContext,
+        body: dict[str, Any],
+        *,
+        max_tokens: int | None,
+        read: Callable[[bytes, CallRecord], T],
+    ) -> T:
+        """One batch call, whichever API presents it: admitted, sent (with retries), read, accounted once."""
+        try:
+            client = await self._admit(context, record, messages=body["messages"], max_tokens=max_tokens)
             response = await self._send(client, body, record=record, stream=False)
             self._slots.release()
-            answer = _batch_answer(response.content, record)
-            if self._log_prompts:
-                record.answer = answer.message.content
-            return answer
+            return read(response.content, record)
         except ServiceError as exc:
             record.code, record.status = exc.code, exc.status_code
             _carry_limit_headers(exc, context)
@@ -205,28 +306,54 @@ class LLMService:
             user=request.user,
         )
         if self._log_prompts:
-            record.messages = [_loggable(message) for message in request.messages]
+            record.messages = loggable_messages([_wire_message(message) for message in request.messages])
+        return record
+
+    def _passthrough_record(self, request: PassthroughRequest, context: CallContext) -> CallRecord:
+        record = CallRecord(
+            request_id=context.request_id,
+            model=request.model or self._default_model,
+            stream=request.stream,
+            route=context.route,
+            key_name=context.caller.name,
+            user=request.user,
+        )
+        if self._log_prompts:
+            record.messages = loggable_messages(request.body["messages"])
         return record
 
     async def _begin(
         self, request: LLMRequest, context: CallContext, record: CallRecord
     ) -> tuple[OpenAIClient, dict[str, Any]]:
+        body = upstream_body(request, model=record.model)
+        client = await self._admit(context, record, messages=body["messages"], max_tokens=request.max_tokens)
+        return client, body
+
+    def _allowed_for(self, caller: ServiceKey) -> frozenset[str]:
+        return caller.models or self._allowed_models
+
+    def _configured_client(self) -> OpenAIClient:
+        if self._client is None:
+            raise LLMServiceError(ErrorCode.LLM_NOT_CONFIGURED, NOT_CONFIGURED_MESSAGE, status_code=503)
+        return self._client
+
+    async def _admit(
+        self, context: CallContext, record: CallRecord, *, messages: list[dict[str, Any]], max_tokens: int | None
+    ) -> OpenAIClient:
         """The checks before the upstream, in order: model policy, configured, draining, the key's limits."""
         model = record.model
-        allowed = context.caller.models or self._allowed_models
+        allowed = self._allowed_for(context.caller)
         if allowed and model not in allowed:
             raise LLMServiceError(
                 ErrorCode.MODEL_NOT_ALLOWED,
                 f"Model {model!r} is not allowed here; allowed: {', '.join(sorted(allowed))}.",
                 status_code=400,
             )
-        if self._client is None:
-            raise LLMServiceError(ErrorCode.LLM_NOT_CONFIGURED, NOT_CONFIGURED_MESSAGE, status_code=503)
+        client = self._configured_client()
         if self._drain.draining:
             raise shutting_down()
-        body = upstream_body(request, model=model)
-        await self._accounting.admit(context, record, messages=body["messages"], max_tokens=request.max_tokens)
-        return self._client, body
+        await self._accounting.admit(context, record, messages=messages, max_tokens=max_tokens)
+        return client
 
 
 def _carry_limit_headers(error: ServiceError, context: CallContext) -> None:
@@ -274,18 +401,27 @@ def _batch_answer(content: bytes, record: CallRecord) -> LLMResponse:
         raise malformed("answer") from exc
 
 
-def _loggable(message: ChatMessage) -> dict[str, Any]:
-    """A message for LOG_PROMPTS' log line: inline images are replaced by their type and size (megabytes of base64
-    would drown the log, and say nothing a reader could use)."""
-    wire = _wire_message(message)
-    if isinstance(message.content, str):
-        return wire
-    for part in wire["content"]:
-        url = part.get("image_url", {}).get("url", "")
-        if url.startswith("data:"):
-            header, data = url.split(",", 1)
-            part["image_url"]["url"] = f"{header},<{len(data)} characters>"
-    return wire
+def _reserved(request: PassthroughRequest) -> int | None:
+    """What the key's limits reserve for the answer: `max_tokens` for each of the `n` choices (the upstream bills
+    every choice), or None for the service's default reserve."""
+    return request.max_tokens * request.choices if request.max_tokens is not None else None
+
+
+def _relayed_answer(content: bytes, record: CallRecord) -> RelayedCompletion:
+    """The upstream's answer untouched; read only for the call's accounting (usage, model, finish reason)."""
+    try:
+        payload = json.loads(content)
+        choices = payload["choices"]
+        record_usage(record, payload.get("usage"))
+        record.upstream_model = payload["model"]
+        record.finish_reason = choices[0].get("finish_reason") if choices else None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise malformed("answer") from exc
+    return RelayedCompletion(content=content)
+
+
+def _allowed_model(model: str) -> ModelObject:
+    return ModelObject(id=model, created=0, owned_by=ALLOWED_MODEL_OWNER)
 
 
 def _text_or_none(value: object) -> str | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 
-from src.core.errors import ErrorCode, LLMServiceError
+from src.core.errors import ErrorCode, LLMServiceError, UpstreamErrorFields
 
 _SECRET_PATTERN = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*.]{3,}")
 AUTH_ERROR_MESSAGE = "The service could not authenticate with the LLM provider; an operator must check its API key."
@@ -55,6 +55,22 @@ def upstream_message(exc: openai.APIError) -> str | None:
         if isinstance(message, str) and message.strip():
             return redact_secrets(message)
     return None
+
+
+def _text_field(body: dict[str, object], name: str) -> str | None:
+    value = body.get(name)
+    return value if isinstance(value, str) else None
+
+
+def upstream_fields(exc: openai.APIStatusError) -> UpstreamErrorFields:
+    """OpenAI's status, type, param and code of a rejection, for the OpenAI-compatible API (they hold no secret)."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    return UpstreamErrorFields(
+        status=exc.status_code,
+        type=_text_field(body, "type"),
+        param=_text_field(body, "param"),
+        code=_text_field(body, "code"),
+    )
 
 
 def rejection_of(exc: BaseException) -> UpstreamRejection | None:
@@ -135,12 +151,17 @@ def map_upstream_error(exc: Exception) -> LLMServiceError:
         # Only an OpenAI error about a model is the caller's business; any other 404 means the URL is wrong.
         if exc.code == _MODEL_NOT_FOUND:
             return LLMServiceError(
-                ErrorCode.MODEL_NOT_FOUND, upstream_message(exc) or _GENERIC_REJECTION, status_code=400
+                ErrorCode.MODEL_NOT_FOUND,
+                upstream_message(exc) or _GENERIC_REJECTION,
+                status_code=400,
+                upstream=upstream_fields(exc),
             )
         return LLMServiceError(ErrorCode.UPSTREAM_ERROR, NO_ENDPOINT_MESSAGE, status_code=502)
     if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
         code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if exc.code == "context_length_exceeded" else ErrorCode.INVALID_REQUEST
-        return LLMServiceError(code, upstream_message(exc) or _GENERIC_REJECTION, status_code=400)
+        return LLMServiceError(
+            code, upstream_message(exc) or _GENERIC_REJECTION, status_code=400, upstream=upstream_fields(exc)
+        )
     if isinstance(exc, openai.APIStatusError):
         return LLMServiceError(
             ErrorCode.UPSTREAM_ERROR, f"The LLM provider failed (HTTP {exc.status_code}).", status_code=502

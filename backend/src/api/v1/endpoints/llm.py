@@ -11,7 +11,7 @@ from pydantic import WithJsonSchema
 from src.api.abandonment import unless_abandoned
 from src.api.deps import LLMServiceDep, request_id_of, service_key_of, stream_timings_of
 from src.api.openapi import error_doc
-from src.api.sse import EventStreamResponse
+from src.api.sse import EventStreamResponse, SourceEvent, encode_event
 from src.core.llm.call_context import CallContext
 from src.models.llm import LLMRequest, LLMResponse
 
@@ -83,7 +83,7 @@ router = APIRouter(prefix="/llm", tags=["llm"])
 )
 async def chat(
     body: LLMRequest, service: LLMServiceDep, request: Request, response: Response
-) -> LLMResponse | EventStreamResponse:
+) -> LLMResponse | EventStreamResponse[SourceEvent]:
     context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route="chat")
     drain = service.drain
     if body.stream:
@@ -95,6 +95,7 @@ async def chat(
             stream,
             timings=stream_timings_of(request),
             drain=drain,
+            encode=encode_event,
             headers={**context.response_headers, STREAM_ID_HEADER: stream.stream_id},
         )
     answer = await unless_abandoned(
@@ -116,6 +117,8 @@ async def chat(
     },
     # Not EventStreamResponse: FastAPI would then document the errors as event streams too.
     response_class=Response,
+    # The return annotation is a subscripted generic, which FastAPI would try to read as a response model.
+    response_model=None,
     status_code=200,
     summary="Resume a resumable stream after the last event received",
 )
@@ -133,7 +136,7 @@ async def resume_stream(
         Query(ge=0, description="For clients that cannot set headers; the header wins."),
         _EVENT_ID_SCHEMA,
     ] = None,
-) -> EventStreamResponse:
+) -> EventStreamResponse[SourceEvent]:
     context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route="chat")
     after = last_event_id_header if last_event_id_header is not None else last_event_id or 0
     follower = await service.resume_stream(stream_id, context=context, after=after)
@@ -141,6 +144,7 @@ async def resume_stream(
         follower,
         timings=stream_timings_of(request),
         drain=service.drain,
+        encode=encode_event,
         headers={STREAM_ID_HEADER: follower.stream_id},
     )
 
