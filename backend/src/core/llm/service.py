@@ -129,18 +129,7 @@ class LLMService:
         errors); the usage chunk is always asked for upstream and passed on only when the caller asked."""
         record = self._passthrough_record(request, context)
         body = passthrough_body(request, model=record.model)
-        try:
-            client = await self._admit(context, record, messages=body["messages"], max_tokens=_reserved(request))
-            response = await self._send(client, body, record=record, stream=True)
-        except ServiceError as exc:
-            record.code, record.status = exc.code, exc.status_code
-            _carry_limit_headers(exc, context)
-            await self._finish(record)
-            raise
-        except asyncio.CancelledError:
-            record.cancelled = True
-            await self._finish(record)
-            raise
+        response = await self._open_stream(record, context, body, max_tokens=_reserved(request))
         return ChunkStream(
             response=response,
             record=record,
@@ -218,20 +207,10 @@ class LLMService:
         """Open the upstream stream now, so that failures before the first byte are plain HTTP errors."""
         record = self._record(request, context, stream=True)
         record.resumable = request.resumable
-        try:
-            client, body = await self._begin(request, context, record)
-            body["stream"] = True
-            body["stream_options"] = _STREAM_OPTIONS
-            response = await self._send(client, body, record=record, stream=True)
-        except ServiceError as exc:
-            record.code, record.status = exc.code, exc.status_code
-            _carry_limit_headers(exc, context)
-            await self._finish(record)
-            raise
-        except asyncio.CancelledError:
-            record.cancelled = True
-            await self._finish(record)
-            raise
+        body = upstream_body(request, model=record.model)
+        body["stream"] = True
+        body["stream_options"] = _STREAM_OPTIONS
+        response = await self._open_stream(record, context, body, max_tokens=request.max_tokens)
         stream = ChatStream(
             # 128 random bits, made here: never the caller's request id, which anyone may choose.
             stream_id=secrets.token_hex(16),
@@ -260,6 +239,23 @@ class LLMService:
     async def stop_stream(self, stream_id: str, *, context: CallContext) -> None:
         """Stop a resumable stream: its upstream closes, and every reader gets `done` with `cancelled`."""
         await self._resumable.stop(stream_id, owner=context.caller.name)
+
+    async def _open_stream(
+        self, record: CallRecord, context: CallContext, body: dict[str, Any], *, max_tokens: int | None
+    ) -> httpx.Response:
+        """Admit and open an upstream stream, whichever API presents it; a failure is accounted here, once."""
+        try:
+            client = await self._admit(context, record, messages=body["messages"], max_tokens=max_tokens)
+            return await self._send(client, body, record=record, stream=True)
+        except ServiceError as exc:
+            record.code, record.status = exc.code, exc.status_code
+            _carry_limit_headers(exc, context)
+            await self._finish(record)
+            raise
+        except asyncio.CancelledError:
+            record.cancelled = True
+            await self._finish(record)
+            raise
 
     async def _finish(self, record: CallRecord) -> None:
         settle = self._accounting.finish(record)
@@ -321,13 +317,6 @@ class LLMService:
         if self._log_prompts:
             record.messages = loggable_messages(request.body["messages"])
         return record
-
-    async def _begin(
-        self, request: LLMRequest, context: CallContext, record: CallRecord
-    ) -> tuple[OpenAIClient, dict[str, Any]]:
-        body = upstream_body(request, model=record.model)
-        client = await self._admit(context, record, messages=body["messages"], max_tokens=request.max_tokens)
-        return client, body
 
     def _allowed_for(self, caller: ServiceKey) -> frozenset[str]:
         return caller.models or self._allowed_models
