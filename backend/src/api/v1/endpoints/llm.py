@@ -71,8 +71,8 @@ router = APIRouter(prefix="/llm", tags=["llm"])
             "content": {
                 # The events' schemas (`itemSchema`) are added by api/openapi.py.
                 "text/event-stream": {
-                    "example": 'event: delta\ndata: {"content":"Hi"}\n\nevent: done\ndata: {"id":"chatcmpl-1",'
-                    '"model":"gpt-5-mini","request_id":"r1","finish_reason":"stop","usage":null}\n\n',
+                    "example": 'id: 1\nevent: delta\ndata: {"content":"Hi"}\n\nid: 2\nevent: done\ndata: '
+                    '{"id":"chatcmpl-1","model":"gpt-5-mini","request_id":"r1","finish_reason":"stop","usage":null}\n\n',
                 }
             },
         },
@@ -81,9 +81,7 @@ router = APIRouter(prefix="/llm", tags=["llm"])
     summary="Chat completion, as one JSON answer or as a Server-Sent-Events stream",
     description=_STREAM_DESCRIPTION,
 )
-async def chat(
-    body: LLMRequest, service: LLMServiceDep, request: Request, response: Response
-) -> LLMResponse | EventStreamResponse[SourceEvent]:
+async def chat(body: LLMRequest, service: LLMServiceDep, request: Request) -> Response:
     context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route="chat")
     drain = service.drain
     if body.stream:
@@ -101,8 +99,9 @@ async def chat(
     answer = await unless_abandoned(
         service.get_chat_completion(body, context=context), receive=request.receive, drain=drain
     )
-    response.headers.update(context.response_headers)
-    return answer
+    # Our own bytes of a model we built: FastAPI would validate it again against `response_model` (which stays
+    # for the OpenAPI document), at a few percent of the route's time.
+    return Response(answer.model_dump_json(), media_type="application/json", headers=context.response_headers)
 
 
 @router.get(
