@@ -63,6 +63,12 @@ def encode_event(event: SourceEvent, event_id: int | None) -> bytes:
     return head + b"event: " + name + b"\ndata: " + data + b"\n\n"
 
 
+def encode_followed_event(event: SourceEvent, event_id: int | None) -> bytes:
+    """A resumable stream's reader: the stream's own events keep their ids; a notice made for this reader alone (its
+    stream gone, its store failed) has none, so a client that resumes after it skips none of the stream's events."""
+    return encode_event(event, event_id if isinstance(event, BufferedEvent) else None)
+
+
 class EventSource(Protocol[E_co]):
     """What the response streams: a `ChatStream` (numbered from 1), a follower of a resumable stream (numbered
     from the event after the one it resumes from), or a `ChunkStream` (OpenAI's format, whose encoder uses no ids)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -30,9 +30,17 @@ log = structlog.get_logger("resume")
 FINAL_EVENT_NAMES = frozenset({"done", "error"})
 KEY_PREFIX = "llm:stream:"
 STOP_CHANNEL = "llm:stream-stop"
-# A blocking read waits this long before checking that its stream still exists (it may have expired).
+# A blocking read waits this long before checking that its stream still exists (it may have expired) and that its
+# producer is alive (it beats every HEARTBEAT_SECONDS while the upstream is silent).
 FOLLOW_BLOCK_MS = 5_000
+HEARTBEAT_SECONDS = FOLLOW_BLOCK_MS / 1000
+# A reader gives up (`resume_unavailable`) when the producer's heartbeat has not moved for this many blocking reads:
+# the instance producing the stream died.
+SILENT_READS_BEFORE_GIVING_UP = 4
 READ_BATCH = 256
+# Readers hold a connection for each blocking read: their own pool, so that they can never starve the producers'
+# writes, bounded so that a flood of readers gets `resume_unavailable` instead of exhausting Redis's clients.
+READER_CONNECTIONS = 2_000
 # Non-blocking Redis commands must answer within this; past it Redis counts as down for that command.
 REDIS_TIMEOUT_SECONDS = 2.0
 
@@ -50,7 +58,8 @@ class BufferedEvent:
 
     @property
     def size(self) -> int:
-        return len(self.name) + len(self.data)
+        """Bytes, as stored (UTF-8): what the caps count."""
+        return len(self.name) + len(self.data.encode())
 
 
 class StreamGoneError(Exception):
@@ -64,8 +73,9 @@ class BuffersUnavailableError(Exception):
 class StreamBuffers(Protocol):
     async def create(self, stream_id: str, *, owner: str) -> None: ...
 
-    async def append(self, stream_id: str, event_id: int, event: BufferedEvent) -> None:
-        """Add event `event_id` (one more than the last); raises `StreamGoneError` when the buffer is no longer kept."""
+    async def append(self, stream_id: str, event_id: int, event: BufferedEvent) -> bool:
+        """Add event `event_id` (one more than the last); True when a stop was asked through the store (on another
+        instance). Raises `StreamGoneError` when the buffer is no longer kept."""
 
     def follow(self, stream_id: str, *, after: int) -> AsyncIterator[BufferedEvent]:
         """Every event after `after`, then new ones as they come, until the final one; `StreamGoneError` if it goes."""
@@ -116,7 +126,7 @@ class MemoryStreamBuffers:
         self._expire()
         self._buffers[stream_id] = _Buffer(owner=owner)
 
-    async def append(self, stream_id: str, event_id: int, event: BufferedEvent) -> None:
+    async def append(self, stream_id: str, event_id: int, event: BufferedEvent) -> bool:
         buffer = self._buffers.get(stream_id)
         if buffer is None or buffer.gone:
             raise StreamGoneError(stream_id)
@@ -129,8 +139,10 @@ class MemoryStreamBuffers:
         buffer.wake()
         if self._total > self._total_cap:
             self._evict(keep=stream_id)
+        # A stop asked in this process reaches its producer directly, never through the buffer.
+        return False
 
-    async def follow(self, stream_id: str, *, after: int) -> AsyncIterator[BufferedEvent]:
+    async def follow(self, stream_id: str, *, after: int) -> AsyncGenerator[BufferedEvent, None]:
         buffer = self._buffers.get(stream_id)
         position = after
         while True:
@@ -143,6 +155,8 @@ class MemoryStreamBuffers:
                 yield event
                 if event.final:
                     return
+            if buffer.gone:
+                raise StreamGoneError(stream_id)
             if buffer.ended_at is not None:
                 # Resumed after the final event: nothing more will come.
                 return
@@ -202,74 +216,108 @@ class MemoryStreamBuffers:
 
 
 class RedisStreamBuffers:
-    """Buffers in Redis, shared by every worker and instance; the TTL is refreshed by each event."""
+    """Buffers in Redis, shared by every worker and instance; the TTL is refreshed by each event and heartbeat."""
 
-    def __init__(self, url: str, *, ttl_seconds: float) -> None:
+    def __init__(self, url: str, *, ttl_seconds: float, block_ms: int = FOLLOW_BLOCK_MS) -> None:
         # Imported here, not with the module: a service without REDIS_URL never loads redis-py.
-        from redis.asyncio import Redis
+        from redis.asyncio import ConnectionPool, Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
         from redis.exceptions import RedisError
 
         self._errors: tuple[type[Exception], ...] = (RedisError, OSError)
-        # No socket timeout: a follower's blocking read waits longer than any command should; each command is
-        # bounded by asyncio.timeout instead.
-        self._redis: Redis = Redis.from_url(
-            url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS, retry=Retry(NoBackoff(), 0), decode_responses=True
+        # No socket timeout (redis-py's default is 5 s, as long as a blocking read): every command is bounded by
+        # asyncio.timeout instead, the blocking reads a little longer than they block.
+        options: dict[str, Any] = {
+            "socket_timeout": None,
+            "socket_connect_timeout": REDIS_TIMEOUT_SECONDS,
+            "retry": Retry(NoBackoff(), 0),
+            "decode_responses": True,
+        }
+        self._redis: Redis = Redis.from_url(url, **options)
+        self._reads: Redis = Redis.from_pool(
+            ConnectionPool.from_url(url, max_connections=READER_CONNECTIONS, **options)
         )
         self._ttl_ms = int(ttl_seconds * 1000)
-
-    @property
-    def redis(self) -> Redis:
-        return self._redis
+        self._block_ms = block_ms
 
     async def create(self, stream_id: str, *, owner: str) -> None:
         meta = _meta_key(stream_id)
         async with self._command():
             pipeline = self._redis.pipeline(transaction=False)
-            pipeline.hset(meta, mapping={"owner": owner, "resumes": 0})
+            pipeline.hset(meta, mapping={"owner": owner, "resumes": 0, "beat": 0})
             pipeline.pexpire(meta, self._ttl_ms)
             await pipeline.execute()
 
-    async def append(self, stream_id: str, event_id: int, event: BufferedEvent) -> None:
+    async def append(self, stream_id: str, event_id: int, event: BufferedEvent) -> bool:
         key, meta = _events_key(stream_id), _meta_key(stream_id)
         async with self._command():
             pipeline = self._redis.pipeline(transaction=False)
             pipeline.xadd(key, {"n": event.name, "d": event.data}, id=f"0-{event_id}")
             pipeline.pexpire(key, self._ttl_ms)
             pipeline.pexpire(meta, self._ttl_ms)
-            if event.final:
-                pipeline.hset(meta, "final", event_id)
-            replies = await pipeline.execute()
-        if not replies[2]:
+            pipeline.hget(meta, "stop")
+            _, _, meta_kept, stop = await pipeline.execute()
+        if not meta_kept:
             raise StreamGoneError(stream_id)
+        if event.final:
+            # Only once the hash is known to exist, so that this write cannot recreate it without a TTL.
+            async with self._command():
+                pipeline = self._redis.pipeline(transaction=False)
+                pipeline.hset(meta, "final", event_id)
+                pipeline.pexpire(meta, self._ttl_ms)
+                await pipeline.execute()
+        return stop is not None
 
-    async def follow(self, stream_id: str, *, after: int) -> AsyncIterator[BufferedEvent]:
+    async def heartbeat(self, stream_id: str) -> None:
+        """The producer is alive (and the stream kept), however long the upstream stays silent."""
+        key, meta = _events_key(stream_id), _meta_key(stream_id)
+        async with self._command():
+            pipeline = self._redis.pipeline(transaction=False)
+            pipeline.hincrby(meta, "beat", 1)
+            pipeline.pexpire(meta, self._ttl_ms)
+            pipeline.pexpire(key, self._ttl_ms)
+            await pipeline.execute()
+
+    async def follow(self, stream_id: str, *, after: int) -> AsyncGenerator[BufferedEvent, None]:
         key = _events_key(stream_id)
         last = f"0-{after}"
+        last_beat: object = None
+        silent_reads = 0
+        # Readers use their own pool throughout (see READER_CONNECTIONS).
         async with self._command():
-            final = await self._redis.hget(_meta_key(stream_id), "final")
+            final = await self._reads.hget(_meta_key(stream_id), "final")
         if final is not None and after >= int(final):
-            # Resumed after the final event: nothing more will come.
+            # Resumed at or after the final event: nothing more will come.
             return
         while True:
             try:
-                async with asyncio.timeout(FOLLOW_BLOCK_MS / 1000 + REDIS_TIMEOUT_SECONDS):
-                    reply = await self._redis.xread({key: last}, count=READ_BATCH, block=FOLLOW_BLOCK_MS)
+                async with asyncio.timeout(self._block_ms / 1000 + REDIS_TIMEOUT_SECONDS):
+                    reply = await self._reads.xread({key: last}, count=READ_BATCH, block=self._block_ms)
             except self._errors as exc:
                 raise BuffersUnavailableError(str(exc) or type(exc).__name__) from exc
-            if not reply:
-                if await self.owner(stream_id) is None:
-                    raise StreamGoneError(stream_id)
+            if reply:
+                silent_reads = 0
+                # RESP2 (the client's protocol): [[key, [(entry id, fields), ...]]] for the one key read.
+                entries = cast(list[tuple[str, dict[str, str]]], cast(list[Any], reply)[0][1])
+                for entry_id, fields in entries:
+                    last = entry_id
+                    event = BufferedEvent(name=fields["n"], data=fields["d"])
+                    yield event
+                    if event.final:
+                        return
                 continue
-            # RESP2 (the client's protocol): [[key, [(entry id, fields), ...]]] for the one key read.
-            entries = cast(list[tuple[str, dict[str, str]]], cast(list[Any], reply)[0][1])
-            for entry_id, fields in entries:
-                last = entry_id
-                event = BufferedEvent(name=fields["n"], data=fields["d"])
-                yield event
-                if event.final:
-                    return
+            async with self._command():
+                owner, final, beat = await self._reads.hmget(_meta_key(stream_id), ["owner", "final", "beat"])
+            if owner is None:
+                raise StreamGoneError(stream_id)
+            if final is not None and int(last.split("-")[1]) >= int(final):
+                # Resumed at or after the final event: nothing more will come.
+                return
+            silent_reads = silent_reads + 1 if beat == last_beat else 0
+            last_beat = beat
+            if silent_reads >= SILENT_READS_BEFORE_GIVING_UP:
+                raise BuffersUnavailableError("the instance producing the stream stopped (no heartbeat)")
 
     async def owner(self, stream_id: str) -> str | None:
         async with self._command():
@@ -278,7 +326,10 @@ class RedisStreamBuffers:
 
     async def note_resume(self, stream_id: str) -> None:
         async with self._command():
-            await self._redis.hincrby(_meta_key(stream_id), "resumes", 1)
+            pipeline = self._redis.pipeline(transaction=False)
+            pipeline.hincrby(_meta_key(stream_id), "resumes", 1)
+            pipeline.pexpire(_meta_key(stream_id), self._ttl_ms)
+            await pipeline.execute()
 
     async def resumes(self, stream_id: str) -> int:
         async with self._command():
@@ -286,9 +337,15 @@ class RedisStreamBuffers:
         return int(count or 0)
 
     async def request_stop(self, stream_id: str) -> None:
-        """Tell every instance to stop `stream_id` (the one producing it does)."""
+        """Ask the instance producing `stream_id` to stop it: at once by pub/sub, and, should that message be lost
+        (its listener reconnecting), at its next event by the flag in the stream's hash."""
+        meta = _meta_key(stream_id)
         async with self._command():
-            await self._redis.publish(STOP_CHANNEL, stream_id)
+            pipeline = self._redis.pipeline(transaction=False)
+            pipeline.hset(meta, "stop", 1)
+            pipeline.pexpire(meta, self._ttl_ms)
+            pipeline.publish(STOP_CHANNEL, stream_id)
+            await pipeline.execute()
 
     async def stop_requests(self) -> AsyncIterator[str]:
         """Stream ids whose stop was requested on any instance, until Redis fails (`BuffersUnavailableError`)."""
@@ -302,6 +359,7 @@ class RedisStreamBuffers:
             raise BuffersUnavailableError(str(exc) or type(exc).__name__) from exc
 
     async def aclose(self) -> None:
+        await self._reads.aclose()
         await self._redis.aclose()
 
     @contextlib.asynccontextmanager

@@ -540,6 +540,20 @@ async def test_n_choices_reserve_max_tokens_for_each_choice(
     assert three.headers["x-ratelimit-remaining-tokens"] == str(1000 - 15 - (8 + 3 * 20))
 
 
+async def test_n_choices_without_max_tokens_reserve_the_default_for_each_choice(
+    app_client: Callable[..., Any], upstream: respx.MockRouter, tmp_path: Path
+) -> None:
+    upstream.post("/chat/completions").respond(200, json=completion())
+    settings = make_settings(
+        service_keys_file=str(_keys_file(tmp_path)),
+        database_url=f"sqlite:///{tmp_path / 'ledger.db'}",
+        llm_default_token_reserve=100,
+    )
+    async with app_client(settings) as (client, _, _):
+        three = await client.post(COMPLETIONS, json=body("hi", n=3), headers=_bearer(TOKENS_KEY))
+    assert three.headers["x-ratelimit-remaining-tokens"] == str(1000 - (8 + 3 * 100))
+
+
 async def test_ledger_rows_and_log_lines_say_the_openai_route(
     app_client: Callable[..., Any], upstream: respx.MockRouter, tmp_path: Path, read_logs: Logs
 ) -> None:

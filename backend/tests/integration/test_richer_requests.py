@@ -13,6 +13,15 @@ import httpx
 import pytest
 import respx
 
+from src.core.keys import ANONYMOUS
+from src.core.llm.call_context import CallContext
+from src.core.llm.client import OpenAIClient
+from src.core.llm.resumable import ResumableStreams
+from src.core.llm.service import LLMService
+from src.core.shutdown import Drain
+from src.core.stream_buffers import BufferedEvent, BuffersUnavailableError, MemoryStreamBuffers
+from src.models.llm import LLMRequest
+from src.utils.logging import configure_logging
 from tests.conftest import chat_body, completion, make_settings, parse_sse, upstream_json
 
 CHAT = "/api/v1/llm/chat"
@@ -233,3 +242,50 @@ async def test_a_405_names_every_method_of_the_path(client: httpx.AsyncClient) -
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
     assert response.headers["allow"] == "DELETE, GET"
+
+
+class _FailingOnce(MemoryStreamBuffers):
+    """In-memory buffers whose store fails once, at the given event (as Redis may mid-stream)."""
+
+    def __init__(self, *, fail_at: int) -> None:
+        super().__init__(ttl_seconds=60, total_bytes=1_000_000)
+        self._fail_at = fail_at
+
+    async def append(self, stream_id: str, event_id: int, event: BufferedEvent) -> bool:
+        if event_id == self._fail_at:
+            self._fail_at = -1
+            raise BuffersUnavailableError("connection reset")
+        return await super().append(stream_id, event_id, event)
+
+
+async def test_a_store_failing_mid_stream_ends_the_stream_for_every_reader_and_is_accounted(
+    upstream: respx.MockRouter, read_logs: Logs
+) -> None:
+    body = b"".join(_chunk({"content": word}) for word in ("a", "b", "c", "d")) + _chunk({}, finish="stop")
+    upstream.post("/chat/completions").respond(
+        200, content=body + b"data: [DONE]\n\n", headers={"content-type": "text/event-stream"}
+    )
+    settings = make_settings()
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    drain = Drain(grace_seconds=1)
+    resumable = ResumableStreams(local=_FailingOnce(fail_at=2), shared=None, drain=drain, max_stream_bytes=1_000_000)
+    async with httpx.AsyncClient() as http_client:
+        service = LLMService(
+            client=OpenAIClient.from_settings(settings, http_client=http_client),
+            settings=settings,
+            drain=drain,
+            resumable=resumable,
+        )
+        follower = await service.stream_chat_completion(
+            LLMRequest.model_validate(chat_body(stream=True, resumable=True)),
+            context=CallContext(request_id="r1", caller=ANONYMOUS),
+        )
+        events = [event async for event in follower]
+        await resumable.aclose()
+    # The first event was kept; the failed second one ends the stream with an error every reader gets.
+    assert [type(event).__name__ for event in events] == ["BufferedEvent", "BufferedEvent"]
+    assert isinstance(events[-1], BufferedEvent)
+    assert events[-1].name == "error"
+    assert json.loads(events[-1].data)["code"] == "resume_unavailable"
+    call = next(line for line in read_logs() if line.get("event") == "llm_call")
+    assert call["code"] == "resume_unavailable"

@@ -69,3 +69,13 @@ def test_upstream_body_sends_only_set_parameters() -> None:
         "messages": [{"role": "user", "content": "hi"}],
         "model": "m",
     }
+
+
+def test_a_readers_own_notice_has_no_id_so_a_resume_skips_none_of_the_streams_events() -> None:
+    from src.api.sse import encode_followed_event
+    from src.core.stream_buffers import BufferedEvent
+
+    replayed = BufferedEvent(name="delta", data='{"content":"a"}')
+    assert encode_followed_event(replayed, 4) == b'id: 4\nevent: delta\ndata: {"content":"a"}\n\n'
+    notice = StreamError(code="stream_not_found", message="gone", request_id="r")
+    assert encode_followed_event(notice, 5).startswith(b"event: error\n")

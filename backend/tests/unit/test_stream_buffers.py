@@ -83,3 +83,22 @@ async def test_resumes_are_counted_per_stream() -> None:
     await buffers.note_resume("s")
     assert await buffers.resumes("s") == 2
     assert await buffers.resumes("unknown") == 0
+
+
+async def test_a_finished_buffer_evicted_mid_replay_ends_its_reader_with_stream_gone_not_silently() -> None:
+    event = _delta("y" * 100)
+    buffers = MemoryStreamBuffers(ttl_seconds=60, total_bytes=event.size * 2 + DONE.size)
+    await buffers.create("finished", owner="k")
+    await buffers.append("finished", 1, event)
+    await buffers.append("finished", 2, event)
+    await buffers.append("finished", 3, DONE)
+    replay = buffers.follow("finished", after=0)
+    assert await anext(replay) == event
+    await buffers.create("new", owner="k")
+    await buffers.append("new", 1, event)  # over the cap: the finished buffer is evicted mid-replay
+    with pytest.raises(StreamGoneError):
+        await anext(replay)
+
+
+def test_sizes_count_utf8_bytes() -> None:
+    assert BufferedEvent(name="delta", data="日本").size == len("delta") + 6

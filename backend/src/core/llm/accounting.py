@@ -65,14 +65,23 @@ class CallAccounting:
         self._default_reserve = default_token_reserve
 
     async def admit(
-        self, context: CallContext, record: CallRecord, *, messages: list[dict[str, Any]], max_tokens: int | None
+        self,
+        context: CallContext,
+        record: CallRecord,
+        *,
+        messages: list[dict[str, Any]],
+        max_tokens: int | None,
+        choices: int = 1,
     ) -> None:
-        """Reserve against the key's limits, or raise 429 `key_rate_limited` / `key_budget_exceeded`."""
+        """Reserve against the key's limits, or raise 429 `key_rate_limited` / `key_budget_exceeded`.
+
+        The answer's share is `max_tokens` (else LLM_DEFAULT_TOKEN_RESERVE) for each of the `choices` (OpenAI's
+        `n`): the upstream bills every choice."""
         limits = context.caller.limits
         if not limits.limited:
             return
         record.prompt_estimate = estimate_prompt_tokens(messages)
-        reserve = record.prompt_estimate + (max_tokens or self._default_reserve)
+        reserve = record.prompt_estimate + (max_tokens or self._default_reserve) * choices
         try:
             admission = await self._limiter.reserve(context.caller.name, limits, reserve)
         except LimitExceeded as exc:

@@ -41,6 +41,8 @@ class StreamEnd(Enum):
     # Resumable streams: stopped by `DELETE`, or grown past the buffer kept for resuming them.
     STOPPED = "stopped"
     BUFFER_FULL = "buffer_full"
+    # Resumable streams: the store of their buffers (Redis) failed, or their producer did.
+    BUFFER_LOST = "buffer_lost"
 
 
 def _detail(details: object, name: str) -> int | None:
@@ -341,6 +343,8 @@ def _mark_end(record: CallRecord, end: StreamEnd) -> None:
         record.code = ErrorCode.SERVER_SHUTTING_DOWN
     elif end is StreamEnd.BUFFER_FULL:
         record.code = ErrorCode.RESUME_BUFFER_FULL
+    elif end is StreamEnd.BUFFER_LOST:
+        record.code = ErrorCode.RESUME_UNAVAILABLE
 
 
 async def _close_call(

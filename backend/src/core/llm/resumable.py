@@ -25,6 +25,7 @@ from src.core.errors import ErrorCode, ServiceError
 from src.core.llm.relay import ChatStream, StreamEnd
 from src.core.shutdown import Drain
 from src.core.stream_buffers import (
+    HEARTBEAT_SECONDS,
     BufferedEvent,
     BuffersUnavailableError,
     MemoryStreamBuffers,
@@ -216,8 +217,12 @@ class ResumableStreams:
         stream_id = stream.stream_id
         last_id = 0
         size = 0
-        end = StreamEnd.DELIVERED
+        # Until the stream ends a known way: an end nobody reads (the loop itself cancelled).
+        end = StreamEnd.CLIENT_GONE
         unsubscribe = self._drain.subscribe(lambda: producer.stop(StreamEnd.SHUTDOWN))
+        beating = (
+            asyncio.create_task(self._beat(buffers, stream_id)) if isinstance(buffers, RedisStreamBuffers) else None
+        )
         try:
             async for event in stream:
                 entry = buffered(event)
@@ -226,33 +231,60 @@ class ResumableStreams:
                     end = StreamEnd.BUFFER_FULL
                     break
                 last_id += 1
-                await buffers.append(stream_id, last_id, entry)
+                stop_asked = await buffers.append(stream_id, last_id, entry)
+                if stop_asked and not entry.final:
+                    # A stop asked on another instance whose pub/sub message did not reach us.
+                    end = StreamEnd.STOPPED
+                    break
+            else:
+                end = StreamEnd.DELIVERED
         except asyncio.CancelledError:
             if producer.stop_reason is None:
                 raise
             # Our own stop: handled here, so the task is no longer being cancelled.
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             end = producer.stop_reason
-        except (StreamGoneError, BuffersUnavailableError) as exc:
-            # Nobody can read the stream any more: stop paying for it.
-            log.warning("resume_buffer_lost", stream_id=stream_id, error=type(exc).__name__)
-            if isinstance(exc, BuffersUnavailableError):
-                self._redis_failed("resume_append_failed", exc)
+        except StreamGoneError:
+            # Evicted or expired: nobody can read the stream any more, so stop paying for it.
+            log.warning("resume_buffer_lost", stream_id=stream_id)
             end = StreamEnd.CLIENT_GONE
+        except BuffersUnavailableError as exc:
+            self._redis_failed("resume_append_failed", exc, stream_id=stream_id)
+            end = StreamEnd.BUFFER_LOST
+        except Exception:
+            log.exception("resume_producer_failed", stream_id=stream_id)
+            end = StreamEnd.BUFFER_LOST
         finally:
             unsubscribe()
+            if beating is not None:
+                beating.cancel()
             del self._producers[stream_id]
+            await self._close(stream, buffers, end=end, last_id=last_id)
+
+    async def _close(self, stream: ChatStream, buffers: StreamBuffers, *, end: StreamEnd, last_id: int) -> None:
+        """Close the upstream and account the call (once, with its resumes), then end the buffer if the stream did
+        not end it itself, so that no reader waits for an event that will never come."""
         try:
-            stream.note_resumes(await buffers.resumes(stream_id))
+            stream.note_resumes(await buffers.resumes(stream.stream_id))
         except BuffersUnavailableError as exc:
             self._redis_failed("resume_count_failed", exc)
         await stream.aclose(end=end)
         last_event = self._last_event(stream, end)
-        if last_event is not None:
+        if last_event is None:
+            return
+        try:
+            await buffers.append(stream.stream_id, last_id + 1, buffered(last_event))
+        except (StreamGoneError, BuffersUnavailableError) as exc:
+            log.warning("resume_last_event_lost", stream_id=stream.stream_id, error=type(exc).__name__)
+
+    async def _beat(self, buffers: RedisStreamBuffers, stream_id: str) -> None:
+        """Tell readers on other instances that this producer is alive while the upstream is silent."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
             try:
-                await buffers.append(stream_id, last_id + 1, buffered(last_event))
-            except (StreamGoneError, BuffersUnavailableError) as exc:
-                log.warning("resume_last_event_lost", stream_id=stream_id, error=type(exc).__name__)
+                await buffers.heartbeat(stream_id)
+            except BuffersUnavailableError as exc:
+                self._redis_failed("resume_heartbeat_failed", exc, stream_id=stream_id)
 
     @staticmethod
     def _last_event(stream: ChatStream, end: StreamEnd) -> StreamEvent | None:
@@ -264,6 +296,10 @@ class ResumableStreams:
         if end is StreamEnd.BUFFER_FULL:
             return StreamError(
                 code=ErrorCode.RESUME_BUFFER_FULL, message=BUFFER_FULL_MESSAGE, request_id=stream.request_id
+            )
+        if end is StreamEnd.BUFFER_LOST:
+            return StreamError(
+                code=ErrorCode.RESUME_UNAVAILABLE, message=UNAVAILABLE_MESSAGE, request_id=stream.request_id
             )
         return None
 

@@ -122,14 +122,18 @@ class LLMService:
         """The OpenAI-compatible batch: the same call, answered with the upstream's `chat.completion` as it sent it."""
         record = self._passthrough_record(request, context)
         body = passthrough_body(request, model=record.model)
-        return await self._batch(record, context, body, max_tokens=_reserved(request), read=_relayed_answer)
+        return await self._batch(
+            record, context, body, max_tokens=request.max_tokens, choices=request.choices, read=_relayed_answer
+        )
 
     async def relay_chat_completion_stream(self, request: PassthroughRequest, *, context: CallContext) -> ChunkStream:
         """The OpenAI-compatible stream, opened now like `stream_chat_completion` (failures on open are plain HTTP
         errors); the usage chunk is always asked for upstream and passed on only when the caller asked."""
         record = self._passthrough_record(request, context)
         body = passthrough_body(request, model=record.model)
-        response = await self._open_stream(record, context, body, max_tokens=_reserved(request))
+        response = await self._open_stream(
+            record, context, body, max_tokens=request.max_tokens, choices=request.choices
+        )
         return ChunkStream(
             response=response,
             record=record,
@@ -185,11 +189,14 @@ class LLMService:
         body: dict[str, Any],
         *,
         max_tokens: int | None,
+        choices: int = 1,
         read: Callable[[bytes, CallRecord], T],
     ) -> T:
         """One batch call, whichever API presents it: admitted, sent (with retries), read, accounted once."""
         try:
-            client = await self._admit(context, record, messages=body["messages"], max_tokens=max_tokens)
+            client = await self._admit(
+                context, record, messages=body["messages"], max_tokens=max_tokens, choices=choices
+            )
             response = await self._send(client, body, record=record, stream=False)
             self._slots.release()
             return read(response.content, record)
@@ -241,11 +248,19 @@ class LLMService:
         await self._resumable.stop(stream_id, owner=context.caller.name)
 
     async def _open_stream(
-        self, record: CallRecord, context: CallContext, body: dict[str, Any], *, max_tokens: int | None
+        self,
+        record: CallRecord,
+        context: CallContext,
+        body: dict[str, Any],
+        *,
+        max_tokens: int | None,
+        choices: int = 1,
     ) -> httpx.Response:
         """Admit and open an upstream stream, whichever API presents it; a failure is accounted here, once."""
         try:
-            client = await self._admit(context, record, messages=body["messages"], max_tokens=max_tokens)
+            client = await self._admit(
+                context, record, messages=body["messages"], max_tokens=max_tokens, choices=choices
+            )
             return await self._send(client, body, record=record, stream=True)
         except ServiceError as exc:
             record.code, record.status = exc.code, exc.status_code
@@ -327,7 +342,13 @@ class LLMService:
         return self._client
 
     async def _admit(
-        self, context: CallContext, record: CallRecord, *, messages: list[dict[str, Any]], max_tokens: int | None
+        self,
+        context: CallContext,
+        record: CallRecord,
+        *,
+        messages: list[dict[str, Any]],
+        max_tokens: int | None,
+        choices: int = 1,
     ) -> OpenAIClient:
         """The checks before the upstream, in order: model policy, configured, draining, the key's limits."""
         model = record.model
@@ -341,7 +362,7 @@ class LLMService:
         client = self._configured_client()
         if self._drain.draining:
             raise shutting_down()
-        await self._accounting.admit(context, record, messages=messages, max_tokens=max_tokens)
+        await self._accounting.admit(context, record, messages=messages, max_tokens=max_tokens, choices=choices)
         return client
 
 
@@ -388,12 +409,6 @@ def _batch_answer(content: bytes, record: CallRecord) -> LLMResponse:
         )
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise malformed("answer") from exc
-
-
-def _reserved(request: PassthroughRequest) -> int | None:
-    """What the key's limits reserve for the answer: `max_tokens` for each of the `n` choices (the upstream bills
-    every choice), or None for the service's default reserve."""
-    return request.max_tokens * request.choices if request.max_tokens is not None else None
 
 
 def _relayed_answer(content: bytes, record: CallRecord) -> RelayedCompletion:

@@ -11,7 +11,7 @@ from pydantic import WithJsonSchema
 from src.api.abandonment import unless_abandoned
 from src.api.deps import LLMServiceDep, request_id_of, service_key_of, stream_timings_of
 from src.api.openapi import error_doc
-from src.api.sse import EventStreamResponse, SourceEvent, encode_event
+from src.api.sse import EventStreamResponse, SourceEvent, encode_event, encode_followed_event
 from src.core.llm.call_context import CallContext
 from src.models.llm import LLMRequest, LLMResponse
 
@@ -93,7 +93,7 @@ async def chat(body: LLMRequest, service: LLMServiceDep, request: Request) -> Re
             stream,
             timings=stream_timings_of(request),
             drain=drain,
-            encode=encode_event,
+            encode=encode_followed_event if stream.resumable else encode_event,
             headers={**context.response_headers, STREAM_ID_HEADER: stream.stream_id},
         )
     answer = await unless_abandoned(
@@ -143,7 +143,7 @@ async def resume_stream(
         follower,
         timings=stream_timings_of(request),
         drain=service.drain,
-        encode=encode_event,
+        encode=encode_followed_event,
         headers={STREAM_ID_HEADER: follower.stream_id},
     )
 
