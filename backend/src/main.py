@@ -139,7 +139,9 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
             CORSMiddleware,
             allow_origins=settings.cors_allow_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Last-Event-ID"],
+            # Any request header: the OpenAI SDKs in a browser send their own (`x-stainless-*`, `openai-*`), and the
+            # allowed origins, not a header list, are what keeps other sites out.
+            allow_headers=["*"],
             # What a browser's script may read: ids to correlate, resume and stop, and the limits to back off.
             expose_headers=[REQUEST_ID_HEADER.decode(), STREAM_ID_HEADER, "Retry-After", *RATE_LIMIT_HEADERS],
             max_age=600,

@@ -860,6 +860,14 @@ async def test_cors_preflight_and_exposed_request_id(
                 "Access-Control-Request-Headers": "authorization,content-type",
             },
         )
+        sdk_preflight = await client.options(
+            "/v1/chat/completions",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,x-stainless-retry-count",
+            },
+        )
         stop_preflight = await client.options(
             CHAT + "/streams/" + "0" * 32,
             headers={"Origin": origin, "Access-Control-Request-Method": "DELETE"},
@@ -871,6 +879,8 @@ async def test_cors_preflight_and_exposed_request_id(
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == origin
     assert preflight.headers["x-request-id"]
+    assert sdk_preflight.status_code == 200
+    assert "x-stainless-retry-count" in sdk_preflight.headers["access-control-allow-headers"].lower()
     assert stop_preflight.status_code == 200
     assert "DELETE" in stop_preflight.headers["access-control-allow-methods"]
     assert streamed.headers["access-control-allow-origin"] == origin
