@@ -55,10 +55,10 @@ import shutil
 import stat
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge, Histogram
@@ -169,18 +169,19 @@ class Metrics:
         token are None when the upstream gave none (a failed call, a batch answer)."""
         series = self._open_session().series
         # Label values by position, in the order the metrics declare them: keyword labels cost a sort per call.
-        series.calls.labels(model, key, outcome).inc()
+        series.child(series.calls, model, key, outcome).inc()
         if prompt_tokens:
-            series.tokens.labels(model, key, "prompt").inc(prompt_tokens)
+            series.child(series.tokens, model, key, "prompt").inc(prompt_tokens)
         if completion_tokens:
-            series.tokens.labels(model, key, "completion").inc(completion_tokens)
-        series.upstream_latency.labels(model).observe(upstream_seconds)
+            series.child(series.tokens, model, key, "completion").inc(completion_tokens)
+        series.child(series.upstream_latency, model).observe(upstream_seconds)
         if ttft_seconds is not None:
-            series.time_to_first_token.labels(model).observe(ttft_seconds)
+            series.child(series.time_to_first_token, model).observe(ttft_seconds)
 
     def request_finished(self, *, route: str, seconds: float) -> None:
         """An HTTP request ended; `route` is the route's template (`/api/v1/llm/chat`), so labels stay bounded."""
-        self._open_session().series.request_duration.labels(route).observe(seconds)
+        series = self._open_session().series
+        series.child(series.request_duration, route).observe(seconds)
 
     def stream_started(self) -> None:
         self._open_session().series.streams_in_flight.inc()
@@ -228,6 +229,16 @@ class _Series:
     rate_limit_rejections: Counter
     ledger_rows_dropped: Counter
     redis_errors: Counter
+    # Each labelled child once: `labels()` validates and locks on every call, several times per request. Label
+    # values are bounded (models, keys, outcomes, route templates), and so is this.
+    children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict)
+
+    def child(self, metric: Counter | Histogram, *values: str) -> Any:
+        key = (id(metric), values)
+        found = self.children.get(key)
+        if found is None:
+            found = self.children[key] = metric.labels(*values)
+        return found
 
 
 @dataclass(frozen=True)
