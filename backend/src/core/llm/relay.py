@@ -2,8 +2,8 @@
 (`ChatStream`, for /api/v1/llm/chat) or chunk by chunk in OpenAI's own format (`ChunkStream`, for the
 OpenAI-compatible /v1/chat/completions).
 
-Upstream bytes are decoded by httpx-sse; each chunk becomes `StreamDelta`s; the end is exactly one `StreamDone` or
-`StreamError`. The relay never raises into its reader: a failure after the stream began is an event, because the
+Both are one reader (`_RelayedStream`): upstream bytes decoded by httpx-sse, errors in the stream, the end (exactly
+one done event or `StreamError`), closing and accounting; each says only what a chunk becomes. The relay never raises into its reader: a failure after the stream began is an event, because the
 HTTP status has already been sent. `ChatStream.aclose()` always runs (the response guarantees it): it closes the
 upstream, gives the connection slot back and writes the call's log line, once.
 """
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from enum import Enum
-from typing import Any
+from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 import httpx
 from httpx_sse import EventSource
@@ -24,7 +25,7 @@ from src.core.errors import ErrorCode, LLMServiceError, ServiceError
 from src.core.llm.accounting import CallAccounting
 from src.core.llm.call_record import CallLog, CallRecord
 from src.core.llm.upstream_errors import malformed, redact_secrets, translate_upstream_errors
-from src.models.llm import StreamDelta, StreamDone, StreamError, StreamEvent, StreamRefusal, Usage
+from src.models.llm import StreamDelta, StreamDone, StreamError, StreamRefusal, Usage
 from src.models.openai_compat import RelayedChunk, RelayedDone
 
 DONE_SENTINEL = "[DONE]"
@@ -74,32 +75,38 @@ def record_usage(record: CallRecord, value: object) -> None:
         record.cached_tokens = usage.cached_tokens
 
 
-class ChatStream:
-    """An opened upstream stream, iterated as `StreamEvent`s; `aclose()` must always be called (it logs the call)."""
+# What a stream yields before its end: `ChatStream`'s typed events, or `ChunkStream`'s untouched chunks.
+E = TypeVar("E")
+
+
+class RelayArgs(TypedDict):
+    """What every relayed stream is made of (the service passes them; each kind adds its own)."""
+
+    response: httpx.Response
+    record: CallRecord
+    call_log: CallLog
+    accounting: CallAccounting
+    release_slot: Callable[[], None]
+    keep_answer: bool
+
+
+class _RelayedStream(ABC, Generic[E]):
+    """An opened upstream stream of `chat.completion.chunk`s, read once: the reading, the errors and the end are
+    the same for both presentations; what each chunk becomes is theirs (`_events_of`, `_done`).
+    `aclose()` must always be called: it closes the upstream, frees the slot and accounts the call, once."""
 
     # Read by its own connection: events are numbered from 1, and a shutdown's last event is part of the stream.
     resumable = False
     first_event_id = 1
 
-    def __init__(
-        self,
-        *,
-        stream_id: str,
-        response: httpx.Response,
-        record: CallRecord,
-        call_log: CallLog,
-        accounting: CallAccounting,
-        release_slot: Callable[[], None],
-        keep_answer: bool,
-    ) -> None:
-        self.stream_id = stream_id
+    def __init__(self, **relay: Unpack[RelayArgs]) -> None:
         self.upstream_id: str | None = None
-        self._response = response
-        self._record = record
-        self._call_log = call_log
-        self._accounting = accounting
-        self._release_slot = release_slot
-        self._answer: list[str] | None = [] if keep_answer else None
+        self._response = relay["response"]
+        self._record = relay["record"]
+        self._call_log = relay["call_log"]
+        self._accounting = accounting = relay["accounting"]
+        self._release_slot = relay["release_slot"]
+        self._answer: list[str] | None = [] if relay["keep_answer"] else None
         self._closed = False
         self._events = self._relay()
         accounting.stream_started()
@@ -108,7 +115,7 @@ class ChatStream:
     def request_id(self) -> str:
         return self._record.request_id
 
-    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+    def __aiter__(self) -> AsyncIterator[E | StreamError]:
         return self._events
 
     def shutdown_event(self) -> StreamError:
@@ -117,21 +124,15 @@ class ChatStream:
             code=ErrorCode.SERVER_SHUTTING_DOWN, message=SHUTDOWN_MESSAGE, request_id=self._record.request_id
         )
 
-    def stopped_event(self) -> StreamDone:
-        """The last event of a stream stopped by its caller (`DELETE`): usage only if the upstream had sent it."""
-        record = self._record
-        return StreamDone(
-            id=self.upstream_id,
-            model=record.upstream_model,
-            request_id=record.request_id,
-            finish_reason="cancelled",
-            usage=record.usage,
-        )
+    @abstractmethod
+    def _events_of(self, data: str, chunk: dict[str, Any]) -> Iterator[E]:
+        """What one upstream chunk (`data` as sent, `chunk` parsed) becomes for the reader."""
 
-    def note_resumes(self, count: int) -> None:
-        self._record.resumes = count
+    @abstractmethod
+    def _done(self) -> E:
+        """The last event of a stream that completed."""
 
-    async def _relay(self) -> AsyncGenerator[StreamEvent, None]:
+    async def _relay(self) -> AsyncGenerator[E | StreamError, None]:
         record = self._record
         usage: object = None
         completed = False
@@ -149,17 +150,8 @@ class ChatStream:
                     record.upstream_model = record.upstream_model or chunk.get("model")
                     if chunk.get("usage"):
                         usage = chunk["usage"]
-                    for content, refusal, finish_reason in _choices(chunk):
-                        if content:
-                            record.delivered(content)
-                            if self._answer is not None:
-                                self._answer.append(content)
-                            yield StreamDelta(content=content)
-                        if refusal:
-                            record.delivered(refusal)
-                            yield StreamRefusal(content=refusal)
-                        if finish_reason:
-                            record.finish_reason = finish_reason
+                    for event in self._events_of(sse.data, chunk):
+                        yield event
             if not completed and record.finish_reason is None:
                 raise LLMServiceError(
                     ErrorCode.UPSTREAM_ERROR,
@@ -167,13 +159,7 @@ class ChatStream:
                     status_code=502,
                 )
             record_usage(record, usage)
-            yield StreamDone(
-                id=self.upstream_id,
-                model=record.upstream_model,
-                request_id=record.request_id,
-                finish_reason=record.finish_reason,
-                usage=record.usage,
-            )
+            yield self._done()
         except ServiceError as exc:
             record.code = exc.code
             yield StreamError(code=exc.code, message=exc.message, request_id=record.request_id)
@@ -182,6 +168,13 @@ class ChatStream:
             self._call_log.unexpected("stream_relay_failed")
             record.code = ErrorCode.INTERNAL_ERROR
             yield StreamError(code=ErrorCode.INTERNAL_ERROR, message=INTERNAL_MESSAGE, request_id=record.request_id)
+
+    def _delivered(self, text: str, *, answer: bool) -> None:
+        """Text the reader got: for the time to first token, the estimate of an abandoned stream's cost, and (with
+        LOG_PROMPTS) the logged answer."""
+        self._record.delivered(text)
+        if answer and self._answer is not None:
+            self._answer.append(text)
 
     async def aclose(self, *, end: StreamEnd = StreamEnd.DELIVERED) -> None:
         """Close the upstream (shielded: a disconnect cancels the caller), free the slot, log the call once."""
@@ -195,133 +188,107 @@ class ChatStream:
         await asyncio.shield(self._close())
 
     async def _close(self) -> None:
-        await _close_call(self._events, self._response, self._release_slot, self._accounting, self._record)
+        try:
+            try:
+                await self._events.aclose()
+            finally:
+                await self._response.aclose()
+        finally:
+            self._release_slot()
+            self._accounting.stream_ended()
+            settle = self._accounting.finish(self._record)
+            if settle is not None:
+                await settle
+
+
+class ChatStream(_RelayedStream[StreamDelta | StreamRefusal | StreamDone]):
+    """The chat route's stream: `StreamDelta`s and `StreamRefusal`s, then one `StreamDone` or `StreamError`."""
+
+    def __init__(self, *, stream_id: str, **relay: Unpack[RelayArgs]) -> None:
+        self.stream_id = stream_id
+        super().__init__(**relay)
+
+    def stopped_event(self) -> StreamDone:
+        """The last event of a stream stopped by its caller (`DELETE`): usage only if the upstream had sent it."""
+        record = self._record
+        return StreamDone(
+            id=self.upstream_id,
+            model=record.upstream_model,
+            request_id=record.request_id,
+            finish_reason="cancelled",
+            usage=record.usage,
+        )
+
+    def note_resumes(self, count: int) -> None:
+        self._record.resumes = count
+
+    def _events_of(self, data: str, chunk: dict[str, Any]) -> Iterator[StreamDelta | StreamRefusal | StreamDone]:
+        for content, refusal, finish_reason in _choices(chunk):
+            if content:
+                self._delivered(content, answer=True)
+                yield StreamDelta(content=content)
+            if refusal:
+                self._delivered(refusal, answer=False)
+                yield StreamRefusal(content=refusal)
+            if finish_reason:
+                self._record.finish_reason = finish_reason
+
+    def _done(self) -> StreamDone:
+        record = self._record
+        return StreamDone(
+            id=self.upstream_id,
+            model=record.upstream_model,
+            request_id=record.request_id,
+            finish_reason=record.finish_reason,
+            usage=record.usage,
+        )
 
 
 # What a `ChunkStream` yields, in order: the upstream's chunks, then exactly one `RelayedDone` or `StreamError`.
 ChunkEvent = RelayedChunk | RelayedDone | StreamError
 
 
-class ChunkStream:
-    """An opened upstream stream relayed chunk by chunk, untouched (tool-call deltas, logprobs, `n` choices, fields
-    OpenAI adds tomorrow), for the OpenAI-compatible API. The same accounting as `ChatStream`: the upstream's usage
-    chunk (always asked for), else what was delivered; that chunk is passed on only when the caller asked for it.
-    `aclose()` must always be called (it closes the upstream and logs the call, once)."""
+class ChunkStream(_RelayedStream[RelayedChunk | RelayedDone]):
+    """The OpenAI-compatible API's stream: the upstream's chunks untouched (tool-call deltas, logprobs, `n` choices,
+    fields OpenAI adds tomorrow). The usage chunk is always asked for (accounting); it is passed on only when the
+    caller asked for it. OpenAI's stream has no event ids: its encoder writes none."""
 
-    # Read by its own connection only; OpenAI's stream has no event ids (its encoder writes none).
-    resumable = False
-    first_event_id = 1
-
-    def __init__(
-        self,
-        *,
-        response: httpx.Response,
-        record: CallRecord,
-        call_log: CallLog,
-        accounting: CallAccounting,
-        release_slot: Callable[[], None],
-        include_usage: bool,
-        keep_answer: bool,
-    ) -> None:
-        self._response = response
-        self._record = record
-        self._call_log = call_log
-        self._accounting = accounting
-        self._release_slot = release_slot
+    def __init__(self, *, include_usage: bool, **relay: Unpack[RelayArgs]) -> None:
         self._include_usage = include_usage
-        self._answer: list[str] | None = [] if keep_answer else None
-        self._closed = False
-        self._events = self._relay()
-        accounting.stream_started()
+        super().__init__(**relay)
 
-    @property
-    def request_id(self) -> str:
-        return self._record.request_id
+    def _events_of(self, data: str, chunk: dict[str, Any]) -> Iterator[RelayedChunk | RelayedDone]:
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list):
+            raise malformed("stream chunk")
+        if chunk.get("usage") and not choices and not self._include_usage:
+            return
+        for choice in choices:
+            self._account(choice)
+        # One `data:` line per chunk: a chunk the upstream spread over several lines is re-encoded.
+        yield RelayedChunk(data if "\n" not in data else json.dumps(chunk, separators=(",", ":")))
 
-    def __aiter__(self) -> AsyncIterator[ChunkEvent]:
-        return self._events
-
-    def shutdown_event(self) -> StreamError:
-        return StreamError(
-            code=ErrorCode.SERVER_SHUTTING_DOWN, message=SHUTDOWN_MESSAGE, request_id=self._record.request_id
-        )
-
-    async def _relay(self) -> AsyncGenerator[ChunkEvent, None]:
-        record = self._record
-        usage: object = None
-        completed = False
-        try:
-            with translate_upstream_errors():
-                async for sse in EventSource(self._response).aiter_sse():
-                    if sse.data == DONE_SENTINEL:
-                        completed = True
-                        break
-                    chunk = _chunk(sse.data)
-                    error = chunk.get("error")
-                    if sse.event == "error" or error:
-                        raise _error_in_stream(error)
-                    record.upstream_model = record.upstream_model or chunk.get("model")
-                    choices = chunk.get("choices") or []
-                    if not isinstance(choices, list):
-                        raise malformed("stream chunk")
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                        if not choices and not self._include_usage:
-                            continue
-                    for choice in choices:
-                        self._account(choice)
-                    # One `data:` line per chunk: a chunk the upstream spread over several lines is re-encoded.
-                    data = sse.data if "\n" not in sse.data else json.dumps(chunk, separators=(",", ":"))
-                    yield RelayedChunk(data)
-            if not completed and record.finish_reason is None:
-                raise LLMServiceError(
-                    ErrorCode.UPSTREAM_ERROR,
-                    "The LLM provider ended the stream before the answer was complete.",
-                    status_code=502,
-                )
-            record_usage(record, usage)
-            yield RelayedDone()
-        except ServiceError as exc:
-            record.code = exc.code
-            yield StreamError(code=exc.code, message=exc.message, request_id=record.request_id)
-        except Exception:
-            self._call_log.unexpected("stream_relay_failed")
-            record.code = ErrorCode.INTERNAL_ERROR
-            yield StreamError(code=ErrorCode.INTERNAL_ERROR, message=INTERNAL_MESSAGE, request_id=record.request_id)
+    def _done(self) -> RelayedDone:
+        return RelayedDone()
 
     def _account(self, choice: object) -> None:
-        """What one choice of a chunk delivered (its text, refusal or tool-call pieces), for the time to first token
-        and for the estimate of an abandoned stream's cost; and how it finished."""
+        """What one choice of a chunk delivered (its text, refusal or tool-call pieces), and how it finished."""
         if not isinstance(choice, dict):
             raise malformed("stream chunk")
         delta = choice.get("delta")
         if isinstance(delta, dict):
             content = delta.get("content")
             if isinstance(content, str) and content:
-                self._record.delivered(content)
-                if self._answer is not None:
-                    self._answer.append(content)
+                self._delivered(content, answer=True)
             pieces = _tool_call_text(delta.get("tool_calls"))
             refusal = delta.get("refusal")
             if isinstance(refusal, str):
                 pieces += refusal
             if pieces:
-                self._record.delivered(pieces)
+                self._delivered(pieces, answer=False)
         finish_reason = choice.get("finish_reason")
         if finish_reason:
             self._record.finish_reason = finish_reason
-
-    async def aclose(self, *, end: StreamEnd = StreamEnd.DELIVERED) -> None:
-        """Close the upstream (shielded: a disconnect cancels the caller), free the slot, log the call once."""
-        if self._closed:
-            return
-        self._closed = True
-        _mark_end(self._record, end)
-        if self._answer is not None:
-            self._record.answer = "".join(self._answer)
-        await asyncio.shield(
-            _close_call(self._events, self._response, self._release_slot, self._accounting, self._record)
-        )
 
 
 def _tool_call_text(tool_calls: object) -> str:
@@ -345,27 +312,6 @@ def _mark_end(record: CallRecord, end: StreamEnd) -> None:
         record.code = ErrorCode.RESUME_BUFFER_FULL
     elif end is StreamEnd.BUFFER_LOST:
         record.code = ErrorCode.RESUME_UNAVAILABLE
-
-
-async def _close_call(
-    events: AsyncGenerator[Any, None],
-    response: httpx.Response,
-    release_slot: Callable[[], None],
-    accounting: CallAccounting,
-    record: CallRecord,
-) -> None:
-    """The end of every relayed stream: the relay and the upstream closed, the slot back, the call accounted once."""
-    try:
-        try:
-            await events.aclose()
-        finally:
-            await response.aclose()
-    finally:
-        release_slot()
-        accounting.stream_ended()
-        settle = accounting.finish(record)
-        if settle is not None:
-            await settle
 
 
 def _chunk(data: str) -> dict[str, Any]:
