@@ -25,16 +25,31 @@ class Stack:
     service_log: Path
 
 
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The bundled upstream without pauses between words, shared by a module's tests (its log kept for failures)."""
+# Slow enough that a client can leave, resume or stop mid-answer; a long answer takes seconds.
+SLOW_WORD_DELAY_MS = 20
+
+
+def _bundled_upstream(tmp_path_factory: pytest.TempPathFactory, *, delay_ms: float) -> Iterator[ServerProcess]:
+    """The bundled upstream for a module's tests, its log kept for failures."""
     log = (tmp_path_factory.mktemp("upstream") / "upstream.log").open("wb")
-    server = start_mock_upstream(delay_ms=0, output=log)
+    server = start_mock_upstream(delay_ms=delay_ms, output=log)
     try:
         yield server
     finally:
         server.stop()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The bundled upstream without pauses between words."""
+    yield from _bundled_upstream(tmp_path_factory, delay_ms=0)
+
+
+@pytest.fixture(scope="module")
+def slow_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The bundled upstream with a pause before each word (SLOW_WORD_DELAY_MS), so answers stream for a while."""
+    yield from _bundled_upstream(tmp_path_factory, delay_ms=SLOW_WORD_DELAY_MS)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from playwright.sync_api import (
     expect,
 )
 
-from src.devtools.servers import ServerProcess, start_mock_upstream
+from src.devtools.servers import ServerProcess
 from tests.e2e.network import CHAT, RunningService, running_service, upstream_stats
 from tests.support.chromium import run_chromium
 from tests.support.tcp_relay import run_tcp_relay
@@ -40,8 +40,6 @@ from tests.support.tcp_relay import run_tcp_relay
 pytestmark = pytest.mark.e2e
 
 SERVICE_KEY = "llmsvc-playground-e2e-key"
-# Slow enough that a test can act while an answer streams (a 150-word answer takes ~3 s), fast enough to be cheap.
-STREAM_DELAY_MS = 20
 ANSWER_TIMEOUT_MS = 20_000
 PAGE_TIMEOUT_MS = 10_000
 WAIT_SECONDS = 10.0
@@ -70,18 +68,6 @@ RECORD_RENDERS = """() => {
 def browser() -> Iterator[Browser]:
     with run_chromium() as chromium:
         yield chromium
-
-
-@pytest.fixture(scope="module")
-def slow_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The bundled upstream with a pause before each word, so answers stream for a while."""
-    log = (tmp_path_factory.mktemp("playground-upstream") / "upstream.log").open("wb")
-    server = start_mock_upstream(delay_ms=STREAM_DELAY_MS, output=log)
-    try:
-        yield server
-    finally:
-        server.stop()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,28 +19,15 @@ import httpx
 import pytest
 from httpx_sse import EventSource, ServerSentEvent
 
-from src.devtools.servers import ServerProcess, start_mock_upstream
+from src.devtools.servers import ServerProcess
 from tests.e2e.network import CHAT, WAIT_SECONDS, RunningService, chat, running_service, upstream_stats
 
 pytestmark = pytest.mark.e2e
 
 STREAMS = CHAT + "/streams/"
-# Slow enough that a client can leave, resume or stop mid-answer; a long answer takes seconds.
-WORD_DELAY_MS = 20
 LONG_ANSWER = "mock-words-400"
 SHORT_ANSWER = "mock-words-30"
 STREAM_ID = re.compile(r"[0-9a-f]{32}")
-
-
-@pytest.fixture(scope="module")
-def slow_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = (tmp_path_factory.mktemp("upstream") / "upstream.log").open("wb")
-    server = start_mock_upstream(delay_ms=WORD_DELAY_MS, output=log)
-    try:
-        yield server
-    finally:
-        server.stop()
-        log.close()
 
 
 @pytest.fixture(scope="module")

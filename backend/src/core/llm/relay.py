@@ -3,9 +3,10 @@
 OpenAI-compatible /v1/chat/completions).
 
 Both are one reader (`_RelayedStream`): upstream bytes decoded by httpx-sse, errors in the stream, the end (exactly
-one done event or `StreamError`), closing and accounting; each says only what a chunk becomes. The relay never raises into its reader: a failure after the stream began is an event, because the
-HTTP status has already been sent. `ChatStream.aclose()` always runs (the response guarantees it): it closes the
-upstream, gives the connection slot back and writes the call's log line, once.
+one done event or `StreamError`), closing and accounting; each says only what a chunk becomes. The relay never
+raises into its reader: a failure after the stream began is an event, because the HTTP status has already been sent.
+`ChatStream.aclose()` always runs (the response guarantees it): it closes the upstream, gives the connection slot
+back and writes the call's log line, once.
 """
 
 from __future__ import annotations
