@@ -6,6 +6,7 @@ Limits hold across both instances, the ledger holds rows from both, and each ins
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import time
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from src.core.keys import key_digest
 from src.core.ledger import parse_database_url
+from src.core.limits import estimate_prompt_tokens
 from src.devtools.servers import ServerProcess, free_port
 from tests.e2e.conftest import unavailable
 from tests.e2e.network import CHAT, RunningService, chat, running_service
@@ -133,6 +135,43 @@ def test_two_instances_share_limits_ledger_and_report_their_own_metrics(
             outcomes = _calls_by_outcome(service, name)
             assert outcomes.get("ok", 0) == served_ok
             assert outcomes.get("key_rate_limited", 0) == len(answers[service.url]) - served_ok
+
+
+def test_fifty_concurrent_calls_on_two_instances_overshoot_a_small_tpm_by_at_most_one_reservation(
+    upstream: ServerProcess, redis_url: str, tmp_path: Path
+) -> None:
+    name, key = f"tpm-{secrets.token_hex(4)}", f"llmsvc-{secrets.token_hex(16)}"
+    tokens_per_minute, max_tokens, calls = 300, 20, 50
+    (tmp_path / "keys.toml").write_text(
+        f'[[keys]]\nname = "{name}"\nsha256 = "{key_digest(key)}"\ntokens_per_minute = {tokens_per_minute}\n'
+    )
+    # Each answer waits a moment upstream, so every call reserves before any settles.
+    body = chat("x", model="mock-slow-first-0.5", max_tokens=max_tokens)
+    reservation = estimate_prompt_tokens(body["messages"]) + max_tokens
+    settings = {"SERVICE_KEYS_FILE": str(tmp_path / "keys.toml"), "REDIS_URL": redis_url}
+
+    async def burst(urls: list[str]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=calls)) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(urls[index % 2] + CHAT, json=body, headers={"Authorization": f"Bearer {key}"})
+                    for index in range(calls)
+                )
+            )
+
+    with (
+        running_service(upstream.url, tmp_path / "a", **settings) as first,
+        running_service(upstream.url, tmp_path / "b", **settings) as second,
+    ):
+        _wait_for_a_fresh_minute()
+        answers = asyncio.run(burst([first.url, second.url]))
+    admitted = [answer for answer in answers if answer.status_code == 200]
+    refused = [answer for answer in answers if answer.status_code == 429]
+    assert len(admitted) + len(refused) == calls
+    # Admitted while less than the limit was reserved, counted in one Redis for both instances.
+    assert len(admitted) == math.ceil(tokens_per_minute / reservation)
+    assert len(admitted) * reservation < tokens_per_minute + reservation
+    assert {answer.json()["error"]["code"] for answer in refused} == {"key_rate_limited"}
 
 
 def test_with_redis_and_the_database_down_the_service_keeps_serving(upstream: ServerProcess, tmp_path: Path) -> None:
