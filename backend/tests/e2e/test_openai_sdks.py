@@ -4,6 +4,7 @@ the running service's `/v1` over real sockets, against the bundled upstream.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMes
 from pydantic import BaseModel
 
 from src.core.keys import key_digest
+from src.devtools.mock_openai import IMAGE_PART_TOKENS
 from src.devtools.servers import ServerProcess, start_service
 from tests.e2e.network import RunningService, requests_for
 
@@ -109,6 +111,37 @@ def test_python_sdk_batch_create_gets_a_chat_completion_with_usage_and_the_reque
     assert completion.usage is not None
     assert completion.usage.total_tokens > 0
     assert len(raw.headers["x-request-id"]) == 32
+
+
+def test_python_sdk_parameters_and_image_parts_reach_the_upstream_and_shape_the_answer(sdk: SDK) -> None:
+    png = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30).decode()
+    with_image: list[Any] = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "one two three four five"},
+                {"type": "image_url", "image_url": {"url": png, "detail": "low"}},
+            ],
+        }
+    ]
+    client = sdk()
+    text_only = client.chat.completions.create(model="gpt-5-mini", messages=_user("one two three four five"))
+    answer = client.chat.completions.create(
+        model="gpt-5-mini",
+        messages=with_image,
+        reasoning_effort="low",
+        seed=3,
+        stop=["three"],
+        max_completion_tokens=500,
+    )
+    assert answer.usage is not None
+    assert text_only.usage is not None
+    # The image part was forwarded (the upstream counts it), and `stop` cut the echo before "three".
+    assert answer.usage.prompt_tokens - text_only.usage.prompt_tokens == IMAGE_PART_TOKENS
+    assert answer.choices[0].message.content is not None
+    assert "three" not in answer.choices[0].message.content
+    assert answer.usage.completion_tokens_details is not None
+    assert answer.usage.completion_tokens_details.reasoning_tokens
 
 
 def test_python_sdk_stream_reads_every_chunk_to_the_end_and_the_usage_only_when_asked(sdk: SDK) -> None:
