@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.requests import HTTPConnection
 
 from src.api.sse import StreamTimings
@@ -58,8 +59,11 @@ def _unauthorized(message: str) -> ServiceError:
 
 class _KeyBearer(HTTPBearer):
     async def _key(self, connection: HTTPConnection, ring: KeyRing) -> ServiceKey | None:
-        credentials = await super().__call__(connection)
-        return ring.find(credentials.credentials) if credentials is not None else None
+        # HTTPBearer's own parse, without building its credentials model for every call.
+        scheme, token = get_authorization_scheme_param(connection.headers.get("Authorization"))
+        if scheme.lower() != "bearer" or not token:
+            return None
+        return ring.find(token)
 
 
 class ChatKeyBearer(_KeyBearer):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
+import orjson
 import structlog
 from structlog.typing import Processor
 
@@ -38,10 +40,16 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
+def _orjson_dumps(value: Any, default: Callable[[Any], Any] | None = None, **_: Any) -> str:
+    # Non-string keys become strings (as json.dumps does); text stays UTF-8 rather than \u escapes.
+    return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def _renderer(fmt: LogFormat) -> Processor:
     if fmt == "console":
         return structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
-    return structlog.processors.JSONRenderer()
+    # structlog's own renderer (its fallback for unknown types: `__structlog__`, else repr), serialized by orjson.
+    return structlog.processors.JSONRenderer(serializer=_orjson_dumps)
 
 
 def configure_logging(*, level: str, fmt: LogFormat) -> None:

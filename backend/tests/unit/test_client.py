@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,7 +44,7 @@ async def test_chat_completion_is_the_sdks_request_with_the_body_as_given() -> N
     with respx.mock(base_url=UPSTREAM) as upstream:
         route = upstream.post("/chat/completions").respond(200, json={"ok": True})
         client = _client()
-        response = await client.create_chat_completion(BODY)
+        response = await client.create_chat_completion(BODY, call_id="r1")
         await client.aclose()
     assert response.json() == {"ok": True}
     sent = route.calls[0].request
@@ -53,13 +54,34 @@ async def test_chat_completion_is_the_sdks_request_with_the_body_as_given() -> N
     assert json.loads(sent.content) == BODY
 
 
+async def test_per_call_options_keep_the_clients_own_timeout_and_send_nothing_more() -> None:
+    """The options stated per call (for speed) are the client's own: its timeout reaches the transport, and the
+    request carries exactly the headers the SDK sends without them."""
+    settings = make_settings()
+    with respx.mock(base_url=UPSTREAM) as upstream:
+        route = upstream.post("/chat/completions").respond(200, json={"ok": True})
+        client = _client()
+        await client.create_chat_completion(BODY, call_id="r1")
+        await client.aclose()
+        plain = openai.AsyncOpenAI(
+            api_key=UPSTREAM_KEY, base_url=UPSTREAM, max_retries=0, http_client=httpx.AsyncClient()
+        )
+        await plain.post("/chat/completions", cast_to=httpx.Response, body=BODY)
+        await plain.close()
+    ours, sdks = (call.request for call in route.calls)
+    assert ours.extensions["timeout"] == upstream_timeout(settings).as_dict()
+    skipped = {"x-stainless-retry-count", "x-stainless-read-timeout"}  # carry each client's own timeout setting
+    assert {k for k in ours.headers if k not in skipped} == {k for k in sdks.headers if k not in skipped}
+    assert "idempotency-key" not in ours.headers
+
+
 async def test_stream_response_is_returned_unread() -> None:
     with respx.mock(base_url=UPSTREAM) as upstream:
         upstream.post("/chat/completions").respond(
             200, content=b"data: [DONE]\n\n", headers={"content-type": "text/event-stream"}
         )
         client = _client()
-        response = await client.open_chat_completion_stream({**BODY, "stream": True})
+        response = await client.open_chat_completion_stream({**BODY, "stream": True}, call_id="r1")
         assert not response.is_closed
         assert [chunk async for chunk in response.aiter_bytes()] == [b"data: [DONE]\n\n"]
         await response.aclose()
@@ -83,7 +105,7 @@ async def test_non_2xx_answers_raise_the_sdk_error_classes_without_retrying(
         route = upstream.post("/chat/completions").respond(status, json={"error": {"message": "no", "code": "x"}})
         client = _client()
         with pytest.raises(error) as raised:
-            await client.create_chat_completion(BODY)
+            await client.create_chat_completion(BODY, call_id="r1")
         await client.aclose()
     assert raised.value.status_code == status
     assert raised.value.code == "x"
@@ -101,7 +123,7 @@ async def test_transport_failures_are_sdk_errors_with_the_cause_kept(
         route = upstream.post("/chat/completions").mock(side_effect=failure)
         client = _client()
         with pytest.raises(error) as raised:
-            await client.create_chat_completion(BODY)
+            await client.create_chat_completion(BODY, call_id="r1")
         await client.aclose()
     assert isinstance(raised.value.__cause__, type(failure))
     assert route.call_count == 1
@@ -173,6 +195,39 @@ async def test_body_cut_short_is_read_error_and_chunks_pass_as_they_arrive() -> 
         # The upstream's cookie was dropped by the transport and never reaches the shared jar.
         assert "set-cookie" not in response.headers
         assert not client.cookies
+
+
+async def test_a_batch_read_whole_keeps_the_honest_errors_and_decodes_like_httpx() -> None:
+    """Batch calls read the body in one go (`UpstreamTransport.fetch`): a body cut short is still a ReadError,
+    a body that stops arriving a ReadTimeout, and a gzip body is decoded by httpx with the cookie dropped."""
+    stalled = asyncio.Event()
+
+    async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.read(1024)
+        try:
+            if b"/ok" in request:
+                body = gzip.compress(b'{"ok":true}')
+                head = f"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nSet-Cookie: a=b\r\nContent-Length: {len(body)}"
+                writer.write(head.encode() + b"\r\n\r\n" + body)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst")
+            await writer.drain()
+            if b"/stall" in request:
+                await stalled.wait()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async with _raw_server(answers) as url, _production_client(llm_timeout_seconds=0.3) as client:
+        with pytest.raises(httpx.ReadError):
+            await client.post(f"{url}/cut", content=b"{}")
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(f"{url}/stall", content=b"{}")
+        stalled.set()
+        response = await client.post(f"{url}/ok", content=b"{}")
+    assert response.json() == {"ok": True}
+    assert "set-cookie" not in response.headers
+    assert not client.cookies
 
 
 async def test_redirects_are_not_followed() -> None:

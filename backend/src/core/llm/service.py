@@ -290,9 +290,9 @@ class LLMService:
             record.attempts += 1
             try:
                 if stream:
-                    response = await client.open_chat_completion_stream(body)
+                    response = await client.open_chat_completion_stream(body, call_id=record.request_id)
                 else:
-                    response = await client.create_chat_completion(body)
+                    response = await client.create_chat_completion(body, call_id=record.request_id)
             except openai.OpenAIError as exc:
                 self._slots.release()
                 delay = self._retry.delay_before_retry(exc, retries_done=record.attempts - 1)

@@ -77,9 +77,28 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         return client_timeout
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """httpx's transport interface: the response with its body still to read, chunk by chunk."""
+        response = await self._open(request)
+        return _httpx_response(request, response, stream=_AiohttpBody(response))
+
+    async def fetch(self, request: httpx.Request) -> httpx.Response:
+        """The response with its whole body read, in one read: for batch calls, which need all of it anyway and
+        would otherwise pay httpx's async iteration per chunk (a few percent of a call)."""
+        response = await self._open(request)
+        try:
+            body = await response.read()
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(str(exc) or "the upstream stopped sending", request=request) from exc
+        except aiohttp.ClientError as exc:
+            raise httpx.ReadError(str(exc) or "the upstream connection broke", request=request) from exc
+        finally:
+            response.release()
+        return _httpx_response(request, response, content=body)
+
+    async def _open(self, request: httpx.Request) -> aiohttp.ClientResponse:
         session = self._session or self._open_session()
         try:
-            response = await session.request(
+            return await session.request(
                 request.method,
                 str(request.url),
                 headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw],
@@ -95,17 +114,29 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectTimeout(str(exc) or "could not connect in time", request=request) from exc
         except aiohttp.ClientError as exc:
             raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
-        extensions: dict[str, Any] = dict(_HTTP_11)
-        if response.reason:
-            extensions["reason_phrase"] = response.reason.encode()
-        return httpx.Response(
-            response.status,
-            headers=[(name, value) for name, value in response.raw_headers if name.lower() != _SET_COOKIE],
-            stream=_AiohttpBody(response),
-            request=request,
-            extensions=extensions,
-        )
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _httpx_response(
+    request: httpx.Request,
+    response: aiohttp.ClientResponse,
+    *,
+    stream: httpx.AsyncByteStream | None = None,
+    content: bytes | None = None,
+) -> httpx.Response:
+    """aiohttp's response as httpx's: the body still to stream, or already read (httpx then decodes any
+    `Content-Encoding`, as it would while streaming: aiohttp's own decompression is off)."""
+    extensions: dict[str, Any] = dict(_HTTP_11)
+    if response.reason:
+        extensions["reason_phrase"] = response.reason.encode()
+    return httpx.Response(
+        response.status,
+        headers=[(name, value) for name, value in response.raw_headers if name.lower() != _SET_COOKIE],
+        stream=stream,
+        content=content,
+        request=request,
+        extensions=extensions,
+    )
