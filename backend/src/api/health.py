@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from src.api.deps import LLMServiceDep
+from src.api.deps import llm_service_of
 from src.models.llm import HealthStatus, ReadinessStatus
 
 router = APIRouter(prefix="/health", tags=["health"])
@@ -21,8 +21,9 @@ async def health() -> HealthStatus:
     response_model=ReadinessStatus,
     responses={503: {"model": ReadinessStatus, "description": "No upstream key is configured, or shutting down"}},
 )
-async def ready(service: LLMServiceDep) -> ReadinessStatus | JSONResponse:
+async def ready(request: Request) -> ReadinessStatus | JSONResponse:
     """Ready while an upstream key is configured and the process is not draining; `upstream` is the last check."""
+    service = llm_service_of(request)
     if service.drain.draining:
         readiness = ReadinessStatus(status="draining", upstream=service.upstream_state)
     elif not service.configured:

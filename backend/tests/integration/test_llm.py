@@ -15,7 +15,6 @@ from src.core.keys import ANONYMOUS
 from src.core.llm.call_context import CallContext
 from src.core.llm.client import OpenAIClient
 from src.core.llm.service import LLMService
-from src.core.shutdown import Drain
 from src.models.llm import LLMRequest
 from tests.conftest import (
     SERVICE_KEY,
@@ -513,17 +512,14 @@ async def test_sdk_retries_transient_upstream_failures(
 async def test_unexpected_exception_is_500_internal_error_without_internals(
     app_client: Callable[..., Any], read_logs: Logs
 ) -> None:
-    from src.api.deps import get_llm_service
+    from src.api.deps import require_chat_key
 
-    class BrokenService:
-        drain = Drain(grace_seconds=1)
+    async def broken_key_check() -> None:
+        raise RuntimeError("secret internal detail")
 
-        async def get_chat_completion(self, *_: Any, **__: Any) -> None:
-            raise RuntimeError("secret internal detail")
-
-    async with app_client() as (client, app, _):
-        app.dependency_overrides[get_llm_service] = BrokenService
-        response = await client.post(CHAT, json=chat_body())
+    async with app_client(make_settings(service_api_keys=["a-key"])) as (client, app, _):
+        app.dependency_overrides[require_chat_key] = broken_key_check
+        response = await client.post(CHAT, json=chat_body(), headers={"Authorization": "Bearer a-key"})
         app.dependency_overrides.clear()
         # ...and the service keeps serving.
         assert (await client.get("/health")).status_code == 200

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from pydantic import WithJsonSchema
 
 from src.api.abandonment import unless_abandoned
-from src.api.deps import LLMServiceDep, request_id_of, service_key_of, stream_timings_of
+from src.api.deps import llm_service_of, request_id_of, service_key_of, stream_timings_of
 from src.api.openapi import error_doc
 from src.api.sse import EventStreamResponse, SourceEvent, encode_event, encode_followed_event
 from src.core.llm.call_context import CallContext
@@ -81,7 +81,8 @@ router = APIRouter(prefix="/llm", tags=["llm"])
     summary="Chat completion, as one JSON answer or as a Server-Sent-Events stream",
     description=_STREAM_DESCRIPTION,
 )
-async def chat(body: LLMRequest, service: LLMServiceDep, request: Request) -> Response:
+async def chat(body: LLMRequest, request: Request) -> Response:
+    service = llm_service_of(request)
     context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route="chat")
     drain = service.drain
     if body.stream:
@@ -123,7 +124,6 @@ async def chat(body: LLMRequest, service: LLMServiceDep, request: Request) -> Re
 )
 async def resume_stream(
     stream_id: StreamIdPath,
-    service: LLMServiceDep,
     request: Request,
     last_event_id_header: Annotated[
         int | None,
@@ -138,6 +138,7 @@ async def resume_stream(
 ) -> EventStreamResponse[SourceEvent]:
     context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route="chat")
     after = last_event_id_header if last_event_id_header is not None else last_event_id or 0
+    service = llm_service_of(request)
     follower = await service.resume_stream(stream_id, context=context, after=after)
     return EventStreamResponse(
         follower,
@@ -158,7 +159,8 @@ async def resume_stream(
     },
     summary="Stop a resumable stream (the stop button)",
 )
-async def stop_stream(stream_id: StreamIdPath, service: LLMServiceDep, request: Request) -> Response:
+async def stop_stream(stream_id: StreamIdPath, request: Request) -> Response:
+    service = llm_service_of(request)
     context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route="chat")
     await service.stop_stream(stream_id, context=context)
     return Response(status_code=204)

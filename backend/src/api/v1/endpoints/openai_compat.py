@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from src.api.abandonment import unless_abandoned
-from src.api.deps import LLMServiceDep, request_id_of, service_key_of, stream_timings_of
+from src.api.deps import llm_service_of, request_id_of, service_key_of, stream_timings_of
 from src.api.sse import EventStreamResponse
 from src.core.errors import openai_error_detail
 from src.core.llm.call_context import CallContext
@@ -104,7 +104,8 @@ def encode_chunk_event(event: ChunkEvent, event_id: int | None) -> bytes:
     summary="Chat completion in OpenAI's format (any OpenAI SDK: set its base URL to this service's /v1)",
     description=_STREAM_DESCRIPTION,
 )
-async def chat_completions(request: Request, service: LLMServiceDep) -> Response:
+async def chat_completions(request: Request) -> Response:
+    service = llm_service_of(request)
     payload = parse_passthrough(await request.body())
     context = CallContext(request_id=request_id_of(request), caller=service_key_of(request), route=OPENAI_ROUTE)
     drain = service.drain
@@ -132,8 +133,8 @@ async def chat_completions(request: Request, service: LLMServiceDep) -> Response
     responses=_MODELS_ERROR_RESPONSES,
     summary="The models this key may use: its allowlist, LLM_ALLOWED_MODELS, or else the upstream's list",
 )
-async def list_models(request: Request, service: LLMServiceDep) -> ModelList:
-    return await service.list_models(caller=service_key_of(request))
+async def list_models(request: Request) -> ModelList:
+    return await llm_service_of(request).list_models(caller=service_key_of(request))
 
 
 @router.get(
@@ -142,5 +143,5 @@ async def list_models(request: Request, service: LLMServiceDep) -> ModelList:
     responses=_MODELS_ERROR_RESPONSES,
     summary="One model this key may use (404 model_not_found otherwise)",
 )
-async def retrieve_model(model_id: str, request: Request, service: LLMServiceDep) -> ModelObject:
-    return await service.retrieve_model(model_id, caller=service_key_of(request))
+async def retrieve_model(model_id: str, request: Request) -> ModelObject:
+    return await llm_service_of(request).retrieve_model(model_id, caller=service_key_of(request))
