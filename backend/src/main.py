@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.telemetry import TelemetryConfig
 
 from src.api import health, metrics, playground
-from src.api.deps import require_admin_key, require_chat_key
+from src.api.deps import require_admin_key
 from src.api.middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
 from src.api.openapi import install_openapi
 from src.api.sse import StreamTimings
@@ -125,13 +125,13 @@ def create_app(settings: Settings | None = None, *, http_client: httpx.AsyncClie
         keepalive_seconds=settings.llm_stream_keepalive_seconds,
         send_timeout_seconds=settings.llm_stream_send_timeout_seconds,
     )
-    install_openapi(app, settings)
+    install_openapi(app, settings, chat_keys=bool(access.chat))
     register_error_handlers(app)
     app.include_router(health.router)
-    # Auth dependencies only where keys exist, so the OpenAPI document says exactly when a bearer is needed.
-    chat_auth = [Depends(require_chat_key)] if access.chat else None
-    app.include_router(chat_router, dependencies=chat_auth)
-    app.include_router(openai_router, dependencies=chat_auth)
+    # The chat routes check chat keys themselves (api/deps.py: ChatKeyRoute); the operator routes get their auth
+    # dependency only where keys exist, so the OpenAPI document says exactly when a bearer is needed.
+    app.include_router(chat_router)
+    app.include_router(openai_router)
     operator_auth = None if access.open else [Depends(require_admin_key)]
     app.include_router(operator_router, dependencies=operator_auth)
     app.include_router(metrics.router, dependencies=operator_auth)

@@ -319,6 +319,32 @@ async def test_service_keys_reject_missing_or_wrong_bearer(
     assert not route.called
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "documented_path"),
+    [
+        ("POST", CHAT, CHAT),
+        ("GET", f"{CHAT}/streams/0123456789abcdef0123456789abcdef", f"{CHAT}/streams/{{stream_id}}"),
+        ("DELETE", f"{CHAT}/streams/0123456789abcdef0123456789abcdef", f"{CHAT}/streams/{{stream_id}}"),
+        ("POST", "/v1/chat/completions", "/v1/chat/completions"),
+        ("GET", "/v1/models", "/v1/models"),
+        ("GET", "/v1/models/gpt-5-mini", "/v1/models/{model_id}"),
+    ],
+)
+async def test_every_chat_route_checks_the_key_before_reading_the_request(
+    app_client: Callable[..., Any], method: str, path: str, documented_path: str
+) -> None:
+    """The chat routes check keys through their route class, not a dependency: every one of them, and before its
+    body or parameters are validated (a malformed body without a key is a 401, not a 422); the document says so."""
+    async with app_client(make_settings(service_api_keys=SERVICE_KEY)) as (client, _, _):
+        response = await client.request(
+            method, path, content=b"{not json", headers={"content-type": "application/json", "Last-Event-ID": "x"}
+        )
+        spec = (await client.get("/openapi.json")).json()
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert spec["paths"][documented_path][method.lower()]["security"] == [{"ServiceKey": []}]
+
+
 async def test_service_keys_accept_any_configured_bearer(
     app_client: Callable[..., Any], upstream: respx.MockRouter
 ) -> None:
@@ -512,15 +538,17 @@ async def test_sdk_retries_transient_upstream_failures(
 async def test_unexpected_exception_is_500_internal_error_without_internals(
     app_client: Callable[..., Any], read_logs: Logs
 ) -> None:
-    from src.api.deps import require_chat_key
+    class BrokenAccess:
+        """The chat routes' key check asks the app's access for its chat keys first: make that fail."""
 
-    async def broken_key_check() -> None:
-        raise RuntimeError("secret internal detail")
+        @property
+        def chat(self) -> None:
+            raise RuntimeError("secret internal detail")
 
-    async with app_client(make_settings(service_api_keys=["a-key"])) as (client, app, _):
-        app.dependency_overrides[require_chat_key] = broken_key_check
-        response = await client.post(CHAT, json=chat_body(), headers={"Authorization": "Bearer a-key"})
-        app.dependency_overrides.clear()
+    async with app_client() as (client, app, _):
+        access, app.state.access = app.state.access, BrokenAccess()
+        response = await client.post(CHAT, json=chat_body())
+        app.state.access = access
         # ...and the service keeps serving.
         assert (await client.get("/health")).status_code == 200
 

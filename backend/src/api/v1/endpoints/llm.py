@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from pydantic import WithJsonSchema
 
 from src.api.abandonment import unless_abandoned
-from src.api.deps import llm_service_of, request_id_of, service_key_of, stream_timings_of
+from src.api.deps import ChatKeyRoute, llm_service_of, request_id_of, service_key_of, stream_timings_of
 from src.api.openapi import error_doc
 from src.api.sse import EventStreamResponse, SourceEvent, encode_event, encode_followed_event
 from src.core.llm.call_context import CallContext
@@ -58,7 +58,7 @@ CHAT_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 # Service-key auth is added by `create_app` when keys are configured, so the OpenAPI document says exactly
 # whether a bearer is required.
-router = APIRouter(prefix="/llm", tags=["llm"])
+router = APIRouter(prefix="/llm", tags=["llm"], route_class=ChatKeyRoute)
 
 
 @router.post(

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from src.api.abandonment import unless_abandoned
-from src.api.deps import llm_service_of, request_id_of, service_key_of, stream_timings_of
+from src.api.deps import ChatKeyRoute, llm_service_of, request_id_of, service_key_of, stream_timings_of
 from src.api.sse import EventStreamResponse
 from src.core.errors import openai_error_detail
 from src.core.llm.call_context import CallContext
@@ -64,7 +64,7 @@ _MODELS_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: OPENAI_ERROR_RESPONSES[status] for status in (401, 404, 500, 502, 503, 504)
 }
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=ChatKeyRoute)
 
 
 def encode_chunk_event(event: ChunkEvent, event_id: int | None) -> bytes:
