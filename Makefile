@@ -30,7 +30,7 @@ CHECK_PYTHON := $(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required, fo
 	if sys.version_info < (3, 11) else None'
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-prod system-deps node-deps demo run test lint fmt openapi lock bench bench-compare soak clean
+.PHONY: help install install-prod system-deps node-deps demo run test lint fmt openapi lock bench bench-instructions bench-compare soak clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -48,7 +48,7 @@ install-prod: ## Production: runtime dependencies only, hash-checked from requir
 	$(PYTHON) -m venv $(PROD_VENV)
 	$(PROD_VENV)/bin/python -m pip install $(PIP_LOCKED) $(LOCK)
 
-system-deps: ## Install the Debian packages the tests and bench use (nginx, tinyproxy, wrk, nodejs, npm, chromium) when missing (root only)
+system-deps: ## Install the Debian packages the tests and bench use (nginx, tinyproxy, wrk, nodejs, npm, chromium, valgrind) when missing (root only)
 	@$(PYTHON) scripts/system_deps.py
 
 node-deps: ## Install the Node SDK the end-to-end tests drive (npm ci from its lock); without npm, say so (those tests skip)
@@ -87,6 +87,9 @@ lock: install ## Re-pin requirements-dev.lock and requirements.lock (hashed) fro
 
 bench: install system-deps ## Benchmark direct upstream vs the service (wrk); prints a table, writes bench/results/latest.json
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-instructions: install system-deps ## CPU instructions per call (callgrind): repeatable on a noisy machine; BENCH_ARGS="--baseline PATH/backend"
+	$(BIN)/python -m bench.instructions $(BENCH_ARGS)
 
 bench-compare: install ## Compare bench/results/latest.json with bench/results/previous.json
 	$(BIN)/python -m bench.compare

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,10 +124,16 @@ class Stack(ExitStack):
         return path
 
     def start_service(
-        self, *, workers: int, env: dict[str, str] | None = None, backend_dir: Path | None = None
+        self,
+        *,
+        workers: int,
+        env: dict[str, str] | None = None,
+        backend_dir: Path | None = None,
+        launcher: Sequence[str] = (),
+        ready_timeout: float = 30.0,
     ) -> ServerProcess:
         assert self.upstream is not None
-        name = f"service-{workers}w" + ("-baseline" if backend_dir else "")
+        name = f"service-{workers}w" + ("-baseline" if backend_dir else "") + ("-launched" if launcher else "")
         log: IO[bytes] = self.enter_context(open(self.log_dir / f"{name}.log", "wb"))  # noqa: SIM115
         # Everything stays on: JSON logs at INFO (to a file), request ids, a limited key, the ledger, metrics,
         # error mapping, keep-alive, send timeouts, the drain, the startup check.
@@ -144,6 +151,8 @@ class Stack(ExitStack):
             env=service_env,
             output=log,
             backend_dir=backend_dir or BACKEND_DIR,
+            launcher=launcher,
+            ready_timeout=ready_timeout,
         )
         self.callback(service.stop)
         return service

@@ -1,4 +1,5 @@
-"""Install the Debian packages the tests and the bench run (nginx, tinyproxy, wrk, nodejs, npm, chromium) if missing.
+"""Install the Debian packages the tests and the bench run (nginx, tinyproxy, wrk, nodejs, npm, chromium, valgrind)
+if missing.
 
 As root, with apt-get, and without leaving the packages' daemons running or enabled: the test fixtures start nginx
 and tinyproxy themselves on free ports, so a system nginx on :80 or tinyproxy on :8888 would only get in the way.
@@ -24,6 +25,8 @@ PACKAGES = {
     "npm": "npm",
     # The playground's browser tests drive it with Playwright (never Playwright's own browser downloads).
     "chromium": "/usr/bin/chromium",
+    # `make bench-instructions` counts instructions per call with callgrind.
+    "valgrind": "valgrind",
 }
 # Packages whose maintainer scripts would start (and enable) a daemon.
 DAEMONS = ("nginx", "tinyproxy")

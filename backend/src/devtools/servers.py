@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -131,9 +132,12 @@ def start_service(
     env: dict[str, str] | None = None,
     output: IO[bytes] | int | None = None,
     backend_dir: Path = BACKEND_DIR,
+    launcher: Sequence[str] = (),
+    ready_timeout: float = READY_TIMEOUT_SECONDS,
 ) -> ServerProcess:
     """The real service under uvicorn, configured only by `env`; with `upstream_url` it is wired to that upstream
-    with a placeholder key (`env` may still name another key). `backend_dir` runs another checkout's code."""
+    with a placeholder key (`env` may still name another key). `backend_dir` runs another checkout's code;
+    `launcher` runs the Python process under another program (valgrind, for bench/instructions.py)."""
     port = port or free_port(host)
     service_env = {**clean_environment(), ENV_FILE_VARIABLE: ""}
     if upstream_url is not None:
@@ -144,6 +148,7 @@ def start_service(
     # developer's data/ ledger (the demo passes that one explicitly).
     service_env.setdefault("DATABASE_URL", f"sqlite:///{tempfile.mkdtemp(prefix='llm-service-ledger-')}/ledger.db")
     command = [
+        *launcher,
         sys.executable,
         "-m",
         "uvicorn",
@@ -169,5 +174,5 @@ def start_service(
         command, cwd=backend_dir, env=service_env, stdout=output, stderr=output, start_new_session=True
     )
     server = ServerProcess("service", process, f"http://{host}:{port}")
-    server.wait_ready()
+    server.wait_ready(timeout=ready_timeout)
     return server

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
-from bench import compare, run, soak
+from bench import compare, instructions, run, soak
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +41,20 @@ def test_bench_runs_and_writes_results(tmp_path: Path, capsys: pytest.CaptureFix
     shutil.copy(latest, tmp_path / "previous.json")
     assert compare.main(["--previous", str(tmp_path / "previous.json"), "--latest", str(latest)]) == 0
     assert "| through the service | batch_c32 | rps |" in capsys.readouterr().out
+
+
+def test_instruction_counts_run_under_callgrind_and_print_a_row(capsys: pytest.CaptureFixture[str]) -> None:
+    if shutil.which("valgrind") is None:
+        message = "valgrind is not installed (`make system-deps` installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    assert instructions.main(["--calls", "2", "--warm-up", "3"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| this checkout |"))
+    batch, stream, batch_ratio, stream_ratio = (cell.strip() for cell in row.strip("|").split("|")[1:])
+    # A call of the service runs millions of instructions; a stream (30 chunks) more than a batch call.
+    assert 0.5 < float(batch) < float(stream) < 100
+    assert batch_ratio == stream_ratio == "+0.0%"
 
 
 def test_parse_wrk_reads_rates_latencies_and_errors() -> None:
