@@ -95,6 +95,21 @@ def test_uvicorn_records_are_rendered_as_json_and_access_log_is_off(capsys: pyte
     assert all(line["level"] == "info" and "timestamp" in line for line in lines)
 
 
+def test_json_lines_keep_text_as_utf8_and_render_any_value(capsys: pytest.CaptureFixture[str]) -> None:
+    """orjson renders the lines: text as is, non-string keys as strings, unknown types by structlog's repr fallback."""
+    configure_logging(level="INFO", fmt="json")
+
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<opaque>"
+
+    structlog.get_logger("x").info("héllo ✓", counts={1: "one"}, thing=Opaque())
+    out = capsys.readouterr().out
+    assert "héllo ✓" in out
+    line = json.loads(out)
+    assert (line["event"], line["counts"], line["thing"]) == ("héllo ✓", {"1": "one"}, "<opaque>")
+
+
 def test_console_format_is_not_json(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging(level="INFO", fmt="console")
     structlog.get_logger("x").info("hello", n=1)
