@@ -156,13 +156,19 @@ class LLMRequest(_Request):
         return self
 
 
+# Token counts an upstream reports are kept only in this range: every JSON parser reads them exactly, and the ledger's
+# BIGINT columns hold them. An upstream's usage outside it counts as not reported (core/llm/relay.py: parse_usage).
+MAX_TOKEN_COUNT = 2**53 - 1
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKEN_COUNT)]
+
+
 class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+    prompt_tokens: TokenCount
+    completion_tokens: TokenCount
+    total_tokens: TokenCount
     # From `completion_tokens_details` and `prompt_tokens_details`; null when the upstream did not say.
-    reasoning_tokens: int | None = None
-    cached_tokens: int | None = None
+    reasoning_tokens: TokenCount | None = None
+    cached_tokens: TokenCount | None = None
 
 
 class AssistantMessage(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -42,7 +43,12 @@ def _shared_processors() -> list[Processor]:
 
 def _orjson_dumps(value: Any, default: Callable[[Any], Any] | None = None, **_: Any) -> str:
     # Non-string keys become strings (as json.dumps does); text stays UTF-8 rather than \u escapes.
-    return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+    try:
+        return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+    except orjson.JSONEncodeError:
+        # What orjson refuses and the standard library writes (an integer past 64 bits, say an upstream's absurd
+        # token count): the line is still written, never an error in the call that logs it.
+        return json.dumps(value, default=default, ensure_ascii=False)
 
 
 def _renderer(fmt: LogFormat) -> Processor:

@@ -242,3 +242,30 @@ def test_a_malformed_keys_file_stops_the_app_naming_line_and_field(tmp_path: Pat
     path.write_text(f'[[keys]]\nname = "a"\nsha256 = "{key_digest("k")}"\ntokens_per_minute = -5\n')
     with pytest.raises(KeysFileError, match=r"keys.toml:4: .*'tokens_per_minute'"):
         create_app(make_settings(service_keys_file=str(path)))
+
+
+async def test_an_absurd_usage_from_the_upstream_is_not_reported_and_never_blocks_the_ledger(
+    app_client: Callable[..., Any], upstream: respx.MockRouter
+) -> None:
+    """A token count past 2^53 (or negative) would not fit the ledger's BIGINT columns: a row that can never be
+    written would hold up every row behind it. Such a usage counts as not reported; the calls are recorded."""
+    absurd = {"prompt_tokens": 10**30, "completion_tokens": -1, "total_tokens": 10**30}
+    upstream.post("/chat/completions").mock(
+        side_effect=[httpx.Response(200, json=completion(usage=absurd)), httpx.Response(200, json=completion())]
+    )
+    async with app_client() as (client, _, _):
+        # The test run's ledger is shared: this test's calls are the ones of its own user.
+        first = await client.post(CHAT, json=chat_body(user="absurd-usage"))
+        second = await client.post(CHAT, json=chat_body(user="absurd-usage"))
+        rows: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            grouped = (await client.get(USAGE, params={"group_by": "user"})).json()["rows"]
+            rows = [row for row in grouped if row["user"] == "absurd-usage"]
+            if rows and rows[0]["calls"] == 2:
+                break
+            await asyncio.sleep(0.05)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["usage"] is None
+    assert second.json()["usage"]["total_tokens"] == 15
+    assert [(row["calls"], row["errors"], row["total_tokens"]) for row in rows] == [(2, 0, 15)]

@@ -108,6 +108,9 @@ def test_json_lines_keep_text_as_utf8_and_render_any_value(capsys: pytest.Captur
     assert "héllo ✓" in out
     line = json.loads(out)
     assert (line["event"], line["counts"], line["thing"]) == ("héllo ✓", {"1": "one"}, "<opaque>")
+    # orjson refuses integers past 64 bits; the line is written anyway.
+    structlog.get_logger("x").info("usage", prompt_tokens=10**30)
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == 10**30
 
 
 def test_console_format_is_not_json(capsys: pytest.CaptureFixture[str]) -> None:

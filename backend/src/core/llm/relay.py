@@ -26,7 +26,7 @@ from src.core.errors import ErrorCode, LLMServiceError, ServiceError
 from src.core.llm.accounting import CallAccounting
 from src.core.llm.call_record import CallLog, CallRecord
 from src.core.llm.upstream_errors import malformed, redact_secrets, translate_upstream_errors
-from src.models.llm import StreamDelta, StreamDone, StreamError, StreamRefusal, Usage
+from src.models.llm import MAX_TOKEN_COUNT, StreamDelta, StreamDone, StreamError, StreamRefusal, Usage
 from src.models.openai_compat import RelayedChunk, RelayedDone
 
 DONE_SENTINEL = "[DONE]"
@@ -49,7 +49,9 @@ class StreamEnd(Enum):
 
 def _detail(details: object, name: str) -> int | None:
     value = details.get(name) if isinstance(details, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
+    return None
 
 
 def parse_usage(value: object) -> Usage | None:
