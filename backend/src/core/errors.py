@@ -93,13 +93,19 @@ class LLMServiceError(ServiceError):
     """An error caused by the LLM upstream, or by the upstream not being usable."""
 
 
+def _utf8_json(value: object) -> bytes:
+    """Compact JSON in UTF-8. A lone surrogate (an upstream's message may carry one as a JSON escape) has no UTF-8
+    form: it is written back as that escape (`\\ud83d`), still valid JSON, instead of failing the error response."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
+
+
 def error_body(
     code: str, message: str, request_id: str | None, details: Sequence[Mapping[str, Any]] | None = None
 ) -> bytes:
     error: dict[str, Any] = {"code": code, "message": message, "request_id": request_id}
     if details is not None:
         error["details"] = details
-    return json.dumps({"error": error}, ensure_ascii=False, separators=(",", ":")).encode()
+    return _utf8_json({"error": error})
 
 
 def error_response(error: ServiceError, request_id: str | None) -> Response:
@@ -179,7 +185,7 @@ def openai_error(error: ServiceError) -> tuple[int, dict[str, Any]]:
 
 def openai_error_body(error: ServiceError) -> tuple[int, bytes]:
     status, detail = openai_error(error)
-    return status, json.dumps({"error": detail}, ensure_ascii=False, separators=(",", ":")).encode()
+    return status, _utf8_json({"error": detail})
 
 
 def present_error(error: ServiceError, *, path: str, request_id: str | None) -> Response:

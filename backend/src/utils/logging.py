@@ -45,10 +45,10 @@ def _orjson_dumps(value: Any, default: Callable[[Any], Any] | None = None, **_: 
     # Non-string keys become strings (as json.dumps does); text stays UTF-8 rather than \u escapes.
     try:
         return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
-    except orjson.JSONEncodeError:
-        # What orjson refuses and the standard library writes (an integer past 64 bits, say an upstream's absurd
-        # token count): the line is still written, never an error in the call that logs it.
-        return json.dumps(value, default=default, ensure_ascii=False)
+    except TypeError:
+        # What orjson refuses (an integer past 64 bits, a lone surrogate in an upstream's message) is written the way
+        # the standard library writes it, ASCII-escaped: a log line must never be what fails a call.
+        return json.dumps(value, default=default)
 
 
 def _renderer(fmt: LogFormat) -> Processor:

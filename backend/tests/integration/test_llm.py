@@ -10,11 +10,14 @@ from typing import Any
 import httpx
 import pytest
 import respx
+from fastapi.routing import iter_route_contexts
 
+from src.api.deps import ChatKeyRoute
 from src.core.keys import ANONYMOUS
 from src.core.llm.call_context import CallContext
 from src.core.llm.client import OpenAIClient
 from src.core.llm.service import LLMService
+from src.main import create_app
 from src.models.llm import LLMRequest
 from tests.conftest import (
     SERVICE_KEY,
@@ -345,6 +348,18 @@ async def test_every_chat_route_checks_the_key_before_reading_the_request(
     assert spec["paths"][documented_path][method.lower()]["security"] == [{"ServiceKey": []}]
 
 
+def test_every_chat_route_has_the_key_checking_route_class() -> None:
+    """Chat keys are checked by the route class, not a router dependency: a chat route without it would be open."""
+    app = create_app(make_settings(service_api_keys=SERVICE_KEY), http_client=httpx.AsyncClient())
+    chat_routes = [
+        route
+        for route in iter_route_contexts(app.routes)
+        if (route.path or "").startswith(("/api/v1/llm/", "/v1/")) and route.path != "/api/v1/llm/usage"
+    ]
+    assert len(chat_routes) >= 5
+    assert all(isinstance(route.original_route, ChatKeyRoute) for route in chat_routes), chat_routes
+
+
 async def test_service_keys_accept_any_configured_bearer(
     app_client: Callable[..., Any], upstream: respx.MockRouter
 ) -> None:
@@ -535,8 +550,24 @@ async def test_sdk_retries_transient_upstream_failures(
     assert route.call_count == 2
 
 
+async def test_an_upstream_message_that_json_cannot_encode_as_utf8_is_still_logged_and_answered(
+    client: httpx.AsyncClient, upstream: respx.MockRouter, read_logs: Logs
+) -> None:
+    """A lone surrogate (valid JSON, invalid UTF-8) in the upstream's error: the caller gets the envelope, the log
+    line is written ASCII-escaped."""
+    escaped = json.dumps(_openai_error("bad \ud83d input")).encode()  # ASCII: the surrogate as `\ud83d`
+    upstream.post("/chat/completions").respond(400, content=escaped, headers={"content-type": "application/json"})
+    response = await client.post(CHAT, json=chat_body())
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert response.headers["x-request-id"]
+    (call,) = _events(read_logs(), "llm_call")
+    assert call["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("where", ["key_check", "service"])
 async def test_unexpected_exception_is_500_internal_error_without_internals(
-    app_client: Callable[..., Any], read_logs: Logs
+    app_client: Callable[..., Any], read_logs: Logs, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     class BrokenAccess:
         """The chat routes' key check asks the app's access for its chat keys first: make that fail."""
@@ -545,10 +576,18 @@ async def test_unexpected_exception_is_500_internal_error_without_internals(
         def chat(self) -> None:
             raise RuntimeError("secret internal detail")
 
+    async def broken_call(*_: Any, **__: Any) -> None:
+        raise RuntimeError("secret internal detail")
+
     async with app_client() as (client, app, _):
-        access, app.state.access = app.state.access, BrokenAccess()
+        access = app.state.access
+        if where == "key_check":
+            app.state.access = BrokenAccess()
+        else:
+            monkeypatch.setattr(LLMService, "get_chat_completion", broken_call)
         response = await client.post(CHAT, json=chat_body())
         app.state.access = access
+        monkeypatch.undo()
         # ...and the service keeps serving.
         assert (await client.get("/health")).status_code == 200
 

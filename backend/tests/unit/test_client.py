@@ -227,6 +227,8 @@ async def test_a_batch_read_whole_keeps_the_honest_errors_and_decodes_like_httpx
         response = await client.post(f"{url}/ok", content=b"{}")
     assert response.json() == {"ok": True}
     assert "set-cookie" not in response.headers
+    # The headers as the upstream sent them (the gzip body's length, not the decoded one's).
+    assert response.headers["content-length"] == str(len(gzip.compress(b'{"ok":true}')))
     assert not client.cookies
 
 

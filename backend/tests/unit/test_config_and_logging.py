@@ -108,9 +108,12 @@ def test_json_lines_keep_text_as_utf8_and_render_any_value(capsys: pytest.Captur
     assert "héllo ✓" in out
     line = json.loads(out)
     assert (line["event"], line["counts"], line["thing"]) == ("héllo ✓", {"1": "one"}, "<opaque>")
-    # orjson refuses integers past 64 bits; the line is written anyway.
-    structlog.get_logger("x").info("usage", prompt_tokens=10**30)
-    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == 10**30
+    # orjson refuses integers past 64 bits and lone surrogates; the line is written anyway, and can be printed.
+    structlog.get_logger("x").info("usage", prompt_tokens=10**30, message="broken \ud83d emoji")
+    out = capsys.readouterr().out
+    out.encode("utf-8")
+    assert json.loads(out)["prompt_tokens"] == 10**30
+    assert json.loads(out)["message"] == "broken \ud83d emoji"
 
 
 def test_console_format_is_not_json(capsys: pytest.CaptureFixture[str]) -> None:

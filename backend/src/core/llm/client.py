@@ -152,6 +152,7 @@ class OpenAIClient:
             "headers": {},
             "timeout": self._sdk.timeout,
             "max_retries": self._sdk.max_retries,
+            # OpenAI's client never sends it (no idempotency header); were one set, retries of a call would share it.
             "idempotency_key": call_id,
         }
 

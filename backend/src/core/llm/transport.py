@@ -93,7 +93,9 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             raise httpx.ReadError(str(exc) or "the upstream connection broke", request=request) from exc
         finally:
             response.release()
-        return _httpx_response(request, response, content=body)
+        read = _httpx_response(request, response, stream=httpx.ByteStream(body))
+        read.read()  # in memory already: decodes the body (by `Content-Encoding`) and marks the response read
+        return read
 
     async def _open(self, request: httpx.Request) -> aiohttp.ClientResponse:
         session = self._session or self._open_session()
@@ -121,14 +123,10 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
 
 
 def _httpx_response(
-    request: httpx.Request,
-    response: aiohttp.ClientResponse,
-    *,
-    stream: httpx.AsyncByteStream | None = None,
-    content: bytes | None = None,
+    request: httpx.Request, response: aiohttp.ClientResponse, *, stream: httpx.AsyncByteStream | httpx.ByteStream
 ) -> httpx.Response:
-    """aiohttp's response as httpx's: the body still to stream, or already read (httpx then decodes any
-    `Content-Encoding`, as it would while streaming: aiohttp's own decompression is off)."""
+    """aiohttp's response as httpx's, its headers as sent: the body still to stream, or already in memory (a
+    `ByteStream`). Either way httpx decodes it by `Content-Encoding`: aiohttp's own decompression is off."""
     extensions: dict[str, Any] = dict(_HTTP_11)
     if response.reason:
         extensions["reason_phrase"] = response.reason.encode()
@@ -136,7 +134,6 @@ def _httpx_response(
         response.status,
         headers=[(name, value) for name, value in response.raw_headers if name.lower() != _SET_COOKIE],
         stream=stream,
-        content=content,
         request=request,
         extensions=extensions,
     )

@@ -56,8 +56,8 @@ CHAT_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     504: error_doc("upstream_timeout"),
 }
 
-# Service-key auth is added by `create_app` when keys are configured, so the OpenAPI document says exactly
-# whether a bearer is required.
+# Chat keys are checked by the route class when keys are configured (api/deps.py), and api/openapi.py then declares
+# the bearer, so the OpenAPI document says exactly whether one is required.
 router = APIRouter(prefix="/llm", tags=["llm"], route_class=ChatKeyRoute)
 
 
