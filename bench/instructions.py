@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import shutil
 import subprocess
 import sys
@@ -25,8 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import CHAT_PATH, SERVICE_KEY, Stack, service_body
-from src.devtools.servers import ServerProcess
+from bench.common import Stack, Target, service_target
 
 WARM_UP_CALLS = 100
 SETTLE_CALLS = 20
@@ -37,19 +35,19 @@ BATCH_WORDS = 20
 READY_TIMEOUT_SECONDS = 300.0
 
 
-def _calls(service: ServerProcess, count: int, *, stream: bool) -> None:
+def _calls(target: Target, count: int, *, stream: bool) -> None:
     """`count` calls one after another on one keep-alive connection; every answer must be a 200."""
-    host, port = service.url.removeprefix("http://").split(":")
+    host, port = target.url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=120)
-    body = json.dumps(service_body(stream=stream, words=STREAM_WORDS if stream else BATCH_WORDS))
-    headers = {"Authorization": f"Bearer {SERVICE_KEY}", "Content-Type": "application/json"}
+    body = target.request_body(stream=stream, words=STREAM_WORDS if stream else BATCH_WORDS)
+    headers = {"Content-Type": "application/json", **target.headers}
     try:
         for _ in range(count):
-            connection.request("POST", CHAT_PATH, body, headers)
+            connection.request("POST", target.path, body, headers)
             response = connection.getresponse()
             response.read()
             if response.status != 200:
-                raise RuntimeError(f"{service.url}{CHAT_PATH} answered {response.status}")
+                raise RuntimeError(f"{target.url}{target.path} answered {response.status}")
     finally:
         connection.close()
 
@@ -83,13 +81,14 @@ def measure(
         workers=1, backend_dir=backend_dir, launcher=launcher, ready_timeout=READY_TIMEOUT_SECONDS
     )
     pid = service.process.pid
+    target = service_target(label, service)
     row: dict[str, Any] = {"target": label}
     for kind, stream in KINDS.items():
-        _calls(service, warm_up, stream=stream)
+        _calls(target, warm_up, stream=stream)
         _callgrind(pid, "--instr=on")
-        _calls(service, SETTLE_CALLS, stream=stream)
+        _calls(target, SETTLE_CALLS, stream=stream)
         _callgrind(pid, "--zero")
-        _calls(service, calls, stream=stream)
+        _calls(target, calls, stream=stream)
         _callgrind(pid, "--dump")
         _callgrind(pid, "--instr=off")
         row[f"{kind}_minstr"] = round(_total_instructions(out_prefix) / calls / 1e6, 3)

@@ -71,10 +71,14 @@ class _KeyBearer(HTTPBearer):
 
 
 class ChatKeyBearer(_KeyBearer):
-    """A chat key (SERVICE_KEYS_FILE, SERVICE_API_KEYS) must be sent; the key found is kept for the call."""
+    """When chat keys are configured (SERVICE_KEYS_FILE, SERVICE_API_KEYS), one must be sent; the key found is kept
+    for the call. Without chat keys every caller is anonymous (`service_key_of`)."""
 
     async def __call__(self, request: Request) -> None:  # type: ignore[override]
-        key = await self._key(request, access_of(request).chat)
+        ring = access_of(request).chat
+        if not ring:
+            return
+        key = await self._key(request, ring)
         if key is None:
             raise _unauthorized("A valid service API key is required: send `Authorization: Bearer <key>`.")
         request.state.service_key = key
@@ -109,8 +113,7 @@ class ChatKeyRoute(APIRoute):
         handle = super().get_route_handler()
 
         async def checked(request: Request) -> Response:
-            if access_of(request).chat:
-                await require_chat_key(request)
+            await require_chat_key(request)
             return await handle(request)
 
         return checked
